@@ -1,0 +1,1 @@
+"""ovseg first-party plugin package ovseg_dino."""
