@@ -1,0 +1,218 @@
+"""`ovseg bench`: run a method over every dataset of a suite and write the run folder.
+
+Run folder: `config.yaml` (resolved config), `datasets/<name>.json` (one per dataset), `summary.csv`
+and `summary.md`. A dataset whose JSON says `done` is not recomputed, so an interrupted bench resumes;
+a folder holding a run of another configuration is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset
+
+from . import __version__
+from .config import build_segmenter, dataset_classes, dataset_protocol
+from .errors import ConfigError, DatasetError
+from .paths import data_root as default_data_root
+
+
+@dataclass
+class BenchOptions:
+    output: Path
+    data_root: Path | None = None
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    num_workers: int = 0
+    limit: int | None = None
+    strict: bool = False
+    only: list[str] | None = None
+    protocol_overrides: list[str] = field(default_factory=list)
+    wandb_project: str | None = None
+    progress: bool = True
+
+
+def is_rank_zero() -> bool:
+    """Rank before Lightning starts its processes: children of the DDP launcher carry rank variables."""
+    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK")) and os.environ.get(
+        "RANK", "0"
+    ) == "0"
+
+
+def _identity(cfg: DictConfig, suite_name: str, opts: BenchOptions) -> dict[str, Any]:
+    """What determines the numbers; a folder may only be resumed with the same identity."""
+    return {
+        "method": OmegaConf.to_container(cfg, resolve=True),
+        "suite": suite_name,
+        "limit": opts.limit,
+        "precision": opts.precision,
+        "protocol_overrides": list(opts.protocol_overrides),
+    }
+
+
+def _environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "lightning", "torchmetrics", "open_clip_torch", "timm", "datasets"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"ovseg": __version__, "python": platform.python_version(), "versions": versions}
+
+
+def _prepare_run_dir(run_dir: Path, identity: dict, suite, random_weights: bool) -> None:
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        saved = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+        old = {k: saved.get(k) for k in identity}
+        old["suite"] = (saved.get("suite") or {}).get("name")
+        if old != identity:
+            changed = sorted(k for k in identity if old.get(k) != identity[k])
+            raise ConfigError(
+                f"output folder {run_dir} holds a run with a different configuration (differs in: "
+                f"{', '.join(changed)}); choose another --output or delete that folder"
+            )
+    if not is_rank_zero():
+        return
+    (run_dir / "datasets").mkdir(parents=True, exist_ok=True)
+    doc = dict(identity)
+    doc["suite"] = {"name": suite.name, "datasets": [d.name for d in suite.datasets]}
+    doc["random_weights"] = random_weights
+    doc["environment"] = _environment()
+    OmegaConf.save(OmegaConf.create(doc), config_path)
+
+
+def _nan_to_none(values: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values.double().cpu().tolist()]
+
+
+def _record(spec, suite_name: str, cfg: DictConfig, status: str, **extra) -> dict[str, Any]:
+    published = cfg.published.get("miou", {}) if cfg.published else {}
+    return {
+        "dataset": spec.name,
+        "title": getattr(spec, "title", None) or spec.name,
+        "suite": suite_name,
+        "domain": getattr(spec, "domain", None),
+        "group": getattr(spec, "group", None),
+        "method": cfg.name,
+        "status": status,
+        "reason": extra.pop("reason", None),
+        "published": {
+            "miou": published.get(spec.name) if published else None,
+            "source": cfg.published.get("source") if cfg.published else None,
+        },
+        **extra,
+    }
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)  # atomic: an interrupted write never leaves a half JSON that looks done
+
+
+def _finished(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
+def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
+    """Evaluate `cfg` on every dataset of the suite; returns the report summary (rank 0) or None."""
+    from .engine import BenchModule, evaluate, make_trainer
+    from .report import comparison_table, write_summary
+    from .suites import load_suite
+
+    suite = load_suite(suite_spec)
+    datasets = suite.datasets
+    if opts.only:
+        unknown = sorted(set(opts.only) - {d.name for d in datasets})
+        if unknown:
+            raise ConfigError(f"--datasets {unknown} not in suite {suite.name} ({', '.join(d.name for d in datasets)})")
+        datasets = [d for d in datasets if d.name in opts.only]
+    data_root = opts.data_root or default_data_root()
+    run_dir = Path(opts.output)
+    segmenter = build_segmenter(cfg)
+    identity = _identity(cfg, suite.name, opts)
+    _prepare_run_dir(run_dir, identity, suite, segmenter.random_weights)
+    if segmenter.random_weights:
+        log("note: random weights (pretrained=random): a smoke test, not a result")
+
+    logger = None
+    if opts.wandb_project:
+        from .wandb_logging import make_wandb_logger
+
+        logger = make_wandb_logger(opts.wandb_project, run_dir, identity, log=log)
+
+    for spec in datasets:
+        out = run_dir / "datasets" / f"{spec.name}.json"
+        if _finished(out):
+            log(f"{spec.name}: already finished in {out}, skipped")
+            continue
+        try:
+            dataset = spec.build(data_root)
+        except DatasetError as exc:
+            if opts.strict:
+                raise
+            log(f"{spec.name}: MISSING, skipped ({exc})")
+            if is_rank_zero():
+                _write_json(out, _record(spec, suite.name, cfg, "missing", reason=str(exc)))
+            continue
+        if opts.limit is not None:
+            dataset = Subset(dataset, range(min(opts.limit, len(dataset))))
+        segmenter.protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
+        vocabulary = segmenter.set_classes(dataset_classes(cfg, spec.name, spec.classes))
+        module = BenchModule(segmenter, vocabulary.num_classes, spec.ignore_index)
+        trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, logger, opts.progress)
+        start = time.perf_counter()
+        results = evaluate(trainer, module, dataset, opts.num_workers)
+        elapsed = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            continue
+        record = _record(
+            spec,
+            suite.name,
+            cfg,
+            "done",
+            num_images=len(dataset),
+            miou=float(results["iou"]["mean"]),
+            biou=float(results["biou"]["mean"]),
+            per_class={
+                "names": vocabulary.display_names,
+                "iou": _nan_to_none(results["iou"]["per_class"]),
+                "biou": _nan_to_none(results["biou"]["per_class"]),
+            },
+            random_weights=segmenter.random_weights,
+            elapsed_s=round(elapsed, 3),
+            protocol=segmenter.protocol.to_dict(),
+        )
+        _write_json(out, record)
+        log(f"{spec.name}: mIoU {100 * record['miou']:.2f}  Boundary IoU {100 * record['biou']:.2f}  "
+            f"({record['num_images']} images, {elapsed:.1f} s)")
+        if logger is not None:
+            logger.log_metrics({f"{suite.name}/{spec.name}/miou": 100 * record["miou"],
+                                f"{suite.name}/{spec.name}/biou": 100 * record["biou"]})
+
+    if not is_rank_zero():
+        return None
+    summary = write_summary(run_dir)
+    if logger is not None:
+        columns, rows = comparison_table([summary])
+        logger.log_table(key="comparison", columns=columns, data=rows)
+        logger.finalize("success")
+    log(f"summary: {run_dir / 'summary.md'}")
+    return summary

@@ -1,0 +1,226 @@
+"""The `ovseg` command line: bench, predict, list, download, data check, compare."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import OvsegError
+
+EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="method config: a YAML path or a name in configs/methods (default: lposs_plus)")
+    p.add_argument("--predictor", help="replace the method's VLM predictor (plugin defaults), e.g. sclip")
+    p.add_argument("--extractor", help="replace the method's feature extractor, e.g. dino (or 'null')")
+    p.add_argument("--refiner", help="replace the method's refiner, e.g. none, lposs, lposs_plus")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (default)")
+    p.add_argument("--devices", default="1", help="number of devices (DDP when > 1), or 'auto'")
+    p.add_argument("--precision", default="32-true", help="32-true (default), bf16-mixed or bf16-true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovseg", description="Open-vocabulary semantic segmentation benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="evaluate a method on a suite", epilog=EPILOG)
+    b.add_argument("--suite", default="demo", help="suite name (demo, standard8, mess22) or YAML path")
+    _add_method_args(b)
+    _add_device_args(b)
+    b.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP (torchrun / SLURM)")
+    b.add_argument("--data-root", type=Path, help="folder holding prepared datasets (env OVSEG_DATA_ROOT)")
+    b.add_argument("--output", type=Path, help="run folder (default: runs/<suite>/<method>-<config hash>)")
+    b.add_argument("--num-workers", type=int, default=0, help="data loading workers per process")
+    b.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
+    b.add_argument("--datasets", help="comma-separated subset of the suite's datasets")
+    b.add_argument("--strict", action="store_true", help="fail on a missing dataset instead of skipping it")
+    b.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (offline without credentials)")
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("predict", help="segment your own images with free-text class names", epilog=EPILOG)
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--classes", required=True, help='classes separated by ";", synonyms by ",": "cow; grass; sky, clouds"')
+    _add_method_args(p)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--output", type=Path, default=Path("predictions"), help="output folder")
+    p.add_argument("--save-scores", action="store_true", help="also write per-class score maps (.npy)")
+
+    sub.add_parser("list", help="registered plugins, suites and method configs")
+
+    d = sub.add_parser("download", help="fetch the weights a method needs into the local cache")
+    _add_method_args(d)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="report found / missing / malformed datasets of a suite")
+    c.add_argument("--suite", required=True)
+    c.add_argument("--data-root", type=Path)
+    c.add_argument("--deep", action="store_true", help="validate every file, not a sample")
+
+    cmp = sub.add_parser("compare", help="side-by-side table and bar chart of finished runs")
+    cmp.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    cmp.add_argument("--output", type=Path, default=Path("comparison"))
+    cmp.add_argument("--wandb", metavar="PROJECT", help="also push the table to W&B")
+    return parser
+
+
+def _devices(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError as exc:
+        raise OvsegError(f"--devices must be a number or 'auto', got {value!r}") from exc
+    if n < 1:
+        raise OvsegError(f"--devices must be at least 1, got {n}")
+    return n
+
+
+def resolve_method(args):
+    """Method config with the stage flags and non-protocol overrides applied; returns (cfg, protocol overrides)."""
+    from .config import apply_overrides, load_method, select_stages, split_overrides
+
+    cfg = load_method(args.method)
+    cfg = select_stages(cfg, predictor=args.predictor, extractor=args.extractor, refiner=args.refiner)
+    method_overrides, protocol_overrides = split_overrides(args.overrides)
+    cfg = apply_overrides(cfg, method_overrides)
+    if args.refiner or args.predictor or args.overrides:
+        tags = [t for t in (args.predictor, args.extractor, args.refiner) if t]
+        if tags and "name=" not in " ".join(args.overrides):
+            cfg.name = f"{cfg.name}+{'+'.join(tags)}"
+    return cfg, protocol_overrides
+
+
+def cmd_bench(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .bench import BenchOptions, run_bench
+
+    cfg, protocol_overrides = resolve_method(args)
+    suite_name = Path(args.suite).stem if args.suite.endswith((".yaml", ".yml")) else args.suite
+    output = args.output
+    if output is None:
+        ident = json.dumps([OmegaConf.to_container(cfg, resolve=True), protocol_overrides, args.limit, args.precision],
+                           sort_keys=True, default=str)
+        output = Path("runs") / suite_name / f"{cfg.name}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+    opts = BenchOptions(
+        output=output,
+        data_root=args.data_root,
+        accelerator=args.accelerator,
+        devices=_devices(args.devices),
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        limit=args.limit,
+        strict=args.strict,
+        only=[s.strip() for s in args.datasets.split(",")] if args.datasets else None,
+        protocol_overrides=protocol_overrides,
+        wandb_project=args.wandb,
+        progress=not args.no_progress,
+    )
+    summary = run_bench(args.suite, cfg, opts)
+    if summary is not None:
+        md = Path(output) / "summary.md"
+        if md.exists():
+            print(md.read_text())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .config import method_path
+    from .paths import config_dir
+    from .registry import list_plugins
+
+    for kind, infos in list_plugins().items():
+        print(f"{kind}s:")
+        for info in infos:
+            print(f"  {info.name:<14} {info.value}  [{info.distribution} {info.version}]")
+    methods = sorted(p.stem for p in (config_dir() / "methods").glob("*.yaml"))
+    print("method configs:")
+    for m in methods:
+        print(f"  {m:<14} {method_path(m)}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .config import build_segmenter
+
+    cfg, _ = resolve_method(args)
+    segmenter = build_segmenter(cfg)
+    names = [type(m).__name__ for m in (segmenter.predictor, segmenter.extractor) if m is not None]
+    print(f"weights for method {cfg.name} ({', '.join(names)}) are in the local cache")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data import check_dataset
+    from .paths import data_root
+    from .suites import load_suite
+
+    suite = load_suite(args.suite)
+    root = args.data_root or data_root()
+    bad = 0
+    print(f"suite {suite.name}, data root {root}")
+    for spec in suite.datasets:
+        status = check_dataset(spec, root, deep=args.deep)
+        bad += status.status != "found"
+        print(f"  {spec.name:<22} {status.status:<10} {status.reason or ''}")
+    print(f"{len(suite.datasets) - bad} of {len(suite.datasets)} datasets found")
+    return 0 if bad == 0 else 1
+
+
+def cmd_compare(args) -> int:
+    from .report import compare_runs
+
+    paths = compare_runs(args.runs, args.output)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    if args.wandb:
+        from .report import comparison_table, load_run, summarize
+        from .wandb_logging import make_wandb_logger
+
+        logger = make_wandb_logger(args.wandb, args.output, {"runs": [str(r) for r in args.runs]})
+        columns, rows = comparison_table([summarize(load_run(r)) for r in args.runs])
+        logger.log_table(key="comparison", columns=columns, data=rows)
+        logger.finalize("success")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import run_predict
+
+    return run_predict(args)
+
+
+COMMANDS = {"bench": cmd_bench, "list": cmd_list, "download": cmd_download, "compare": cmd_compare,
+            "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            return cmd_data_check(args)
+        return COMMANDS[args.command](args)
+    except OvsegError as exc:
+        print(f"ovseg: error: {exc}", file=sys.stderr)
+        if os.environ.get("OVSEG_DEBUG"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("ovseg: interrupted; finished datasets are kept and a rerun with the same --output resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Method configs: load the YAML, merge command-line choices, build the segmenter.
+
+A method config names a predictor, an optional extractor and a refiner with their parameters, a
+default protocol, per-dataset overrides and the published numbers it should reproduce:
+
+    name: lposs_plus
+    predictor: {name: maskclip, model: ViT-B-16, pretrained: laion2b_s34b_b88k}
+    extractor: {name: dino, model: vit_base_patch16_224.dino, feature: v}   # or null
+    refiner: {name: lposs_plus, k: 400}
+    protocol: {short_side: 448, crop: 224, stride: 112}
+    datasets: {voc21: {protocol: {prob_thd: 0.1}, classes: [...]}}
+    published: {source: "...", miou: {voc21: 61.1}}
+
+Protocol precedence, lowest first: suite dataset, method `protocol`, method `datasets.<name>.protocol`,
+command-line `protocol.*` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+from .paths import config_dir
+from .protocol import Protocol
+
+DEFAULT_METHOD = "lposs_plus"
+METHOD_KEYS = {"name", "description", "predictor", "extractor", "refiner", "protocol", "datasets", "published"}
+STAGES = ("predictor", "extractor", "refiner")
+
+
+def method_path(spec: str | Path | None) -> Path:
+    """A method config path from a path or a name under `configs/methods/`."""
+    spec = spec or DEFAULT_METHOD
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"method config {str(path)!r} does not exist")
+        return path
+    candidate = config_dir() / "methods" / f"{spec}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (config_dir() / "methods").glob("*.yaml"))
+        raise ConfigError(f"unknown method {str(spec)!r}: no file {candidate}. Known methods: {', '.join(known)}")
+    return candidate
+
+
+def load_method(spec: str | Path | None = None) -> DictConfig:
+    """Load and check a method config (a path or a name such as `lposs_plus`)."""
+    path = method_path(spec)
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read method config {path}: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"method config {path} must be a mapping")
+    unknown = sorted(set(cfg.keys()) - METHOD_KEYS)
+    if unknown:
+        raise ConfigError(f"method config {path}: unknown key(s) {unknown}; known: {sorted(METHOD_KEYS)}")
+    for stage in ("predictor", "refiner"):
+        if not isinstance(cfg.get(stage), DictConfig) or "name" not in cfg[stage]:
+            raise ConfigError(f"method config {path}: `{stage}:` must be a mapping with a `name`")
+    cfg.setdefault("name", path.stem)
+    cfg.setdefault("extractor", None)
+    cfg.setdefault("protocol", {})
+    cfg.setdefault("datasets", {})
+    cfg.setdefault("published", {})
+    Protocol.from_dict(OmegaConf.to_container(cfg.protocol), where=f"{path}: protocol")
+    return cfg
+
+
+def select_stages(cfg: DictConfig, **names: str | None) -> DictConfig:
+    """Apply `--predictor/--extractor/--refiner NAME`: a new name replaces that stage's section
+    with the plugin's own defaults; the same name keeps the configured parameters."""
+    for stage, name in names.items():
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r}")
+        if not name:
+            continue
+        if name == "null" and stage == "extractor":
+            cfg[stage] = None
+        elif cfg.get(stage) is None or cfg[stage].get("name") != name:
+            cfg[stage] = {"name": name}
+    return cfg
+
+
+def split_overrides(dotlist: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split `key=value` overrides into method-level ones and final `protocol.*` ones."""
+    method, protocol = [], []
+    for item in dotlist:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. refiner.k=200)")
+        (protocol if item.startswith("protocol.") else method).append(item)
+    return method, protocol
+
+
+def apply_overrides(cfg: DictConfig, dotlist: Iterable[str]) -> DictConfig:
+    dotlist = list(dotlist)
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        if key.split(".", 1)[0] not in METHOD_KEYS:
+            raise ConfigError(f"override {item!r}: {key.split('.', 1)[0]!r} is not a method config key {sorted(METHOD_KEYS)}")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot apply overrides {dotlist}: {exc}") from exc
+
+
+def stage_kwargs(section: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
+    if section is None:
+        return None
+    kwargs = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    return kwargs.pop("name"), kwargs
+
+
+def dataset_protocol(
+    cfg: DictConfig, dataset: str | None = None, suite_protocol: Mapping | None = None, final: Iterable[str] = ()
+) -> Protocol:
+    """Merge the protocol layers for one dataset (see the module docstring for the order)."""
+    layers = [dict(suite_protocol or {}), OmegaConf.to_container(cfg.protocol, resolve=True)]
+    if dataset is not None and dataset in cfg.datasets and "protocol" in cfg.datasets[dataset]:
+        layers.append(OmegaConf.to_container(cfg.datasets[dataset].protocol, resolve=True))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    final = list(final)
+    if final:
+        merged.update(OmegaConf.to_container(OmegaConf.from_dotlist(final), resolve=True)["protocol"])
+    where = f"method {cfg.name}" + (f", dataset {dataset}" if dataset else "")
+    return Protocol.from_dict(merged, where=where)
+
+
+def dataset_classes(cfg: DictConfig, dataset: str, default: list) -> list:
+    """Class list for a dataset: the method's override (e.g. ClearCLIP's plain 'background') or the suite's."""
+    override = cfg.datasets.get(dataset, {}).get("classes") if dataset in cfg.datasets else None
+    return list(OmegaConf.to_container(override)) if override is not None else list(default)
+
+
+def build_segmenter(cfg: DictConfig | str | Path | None = None, protocol: Protocol | None = None):
+    """Build a `Segmenter` from a method config (path, name or loaded config)."""
+    from .registry import build_extractor, build_predictor, build_refiner
+    from .segmenter import Segmenter
+
+    if not isinstance(cfg, DictConfig):
+        cfg = load_method(cfg)
+    name, kwargs = stage_kwargs(cfg.predictor)
+    predictor = build_predictor(name, **kwargs)
+    name, kwargs = stage_kwargs(cfg.refiner)
+    refiner = build_refiner(name, **kwargs)
+    extractor = None
+    if refiner.needs_features:
+        spec = stage_kwargs(cfg.extractor)
+        if spec is None:
+            raise ConfigError(
+                f"refiner {cfg.refiner.name!r} needs a feature extractor but method {cfg.name!r} has none; "
+                "pass --extractor dino (or set `extractor:` in the method config)"
+            )
+        extractor = build_extractor(spec[0], **spec[1])
+    return Segmenter(predictor, refiner, extractor, protocol or dataset_protocol(cfg))
