@@ -92,7 +92,13 @@ def _build(kind: str, base: type, name: str, cfg: dict[str, Any]):
         inspect.signature(cls).bind(**cfg)
     except TypeError as exc:
         raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
-    return cls(**cfg)
+    try:
+        return cls(**cfg)
+    except TypeError as exc:
+        # nn.Module.__init__(*args, **kwargs) hides a plugin without its own __init__ from the check above
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
 
 
 def build_predictor(name: str, **cfg: Any):

@@ -1,0 +1,112 @@
+"""Core contracts: vocabulary, window geometry and merging, protocol sizes, thresholds."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg.errors import ConfigError
+from ovseg.protocol import Protocol
+from ovseg.segmenter import apply_thresholds
+from ovseg.vocabulary import Vocabulary
+from ovseg.windows import merge_windows, sliding_windows
+
+
+def test_vocabulary_synonyms_order_and_reduce():
+    v = Vocabulary(["background, sky, wall", "cat", ["dog", "puppy"]])
+    assert v.names == ["background", "sky", "wall", "cat", "dog", "puppy"]
+    assert v.name_to_class.tolist() == [0, 0, 0, 1, 2, 2]
+    scores = torch.tensor([[1.0, 5.0], [3.0, 0.0], [2.0, 1.0], [0.5, 0.5], [-1.0, 2.0], [4.0, -3.0]])
+    out = v.reduce(scores)
+    assert out.tolist() == [[3.0, 5.0], [0.5, 0.5], [4.0, 2.0]]
+    # (Q, H, W) maps reduce the same way
+    maps = torch.randn(6, 3, 4)
+    expected = torch.stack([maps[0:3].amax(0), maps[3], maps[4:6].amax(0)])
+    assert torch.equal(v.reduce(maps), expected)
+    assert Vocabulary.parse("cow; grass; sky, clouds").names == ["cow", "grass", "sky", "clouds"]
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [([], "empty"), (["cat", ""], "empty name"), (["cat, ", "dog"], "empty name"),
+     (["cat", "dog, cat"], "'cat' appears in class 0"), ("cat", "not a single string"), ([3], "string or a list")],
+)
+def test_vocabulary_errors(classes, message):
+    with pytest.raises(ConfigError, match=message):
+        Vocabulary(classes)
+
+
+def _mmseg_windows(h, w, ch, cw, sh, sw):
+    """Independent transcription of mmseg's slide_inference loop."""
+    h_grids = max(h - ch + sh - 1, 0) // sh + 1
+    w_grids = max(w - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * sh, wi * sw
+            y2, x2 = min(y1 + ch, h), min(x1 + cw, w)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            boxes.append([y1, y2, x1, x2])
+    return boxes
+
+
+@pytest.mark.parametrize("h, w, crop, stride", [(448, 597, 224, 112), (333, 517, 224, 112), (101, 57, 224, 112),
+                                                 (225, 224, 224, 112), (300, 301, (128, 96), (64, 50)), (7, 9, 3, 2)])
+def test_sliding_windows_geometry(h, w, crop, stride):
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    boxes = sliding_windows(h, w, crop, stride)
+    assert boxes.dtype == torch.long
+    assert boxes.tolist() == _mmseg_windows(h, w, ch, cw, sh, sw)
+    assert int(boxes[:, 1].max()) == h and int(boxes[:, 3].max()) == w and int(boxes.min()) >= 0
+
+
+def test_sliding_windows_counts_from_reference():
+    assert len(sliding_windows(448, 597, 224, 112)) == 15
+    assert len(sliding_windows(448, 896, 224, 112)) == 21
+    assert sliding_windows(100, 150, 224, 112).tolist() == [[0, 100, 0, 150]]
+
+
+def test_merge_windows_matches_naive_average():
+    torch.manual_seed(0)
+    h, w = 50, 70
+    boxes = sliding_windows(h, w, 32, 20)
+    scores = torch.randn(len(boxes), 3, 4, 4, dtype=torch.float64)
+    canvas = torch.zeros(3, h, w, dtype=torch.float64)
+    count = torch.zeros(h, w, dtype=torch.float64)
+    for s, (y1, y2, x1, x2) in zip(scores, boxes.tolist()):
+        canvas[:, y1:y2, x1:x2] += F.interpolate(s[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                                 align_corners=False)[0]
+        count[y1:y2, x1:x2] += 1
+    assert torch.allclose(merge_windows(scores, boxes, h, w), canvas / count)
+
+
+def test_protocol_resize_matches_mmcv_rescale():
+    p = Protocol(short_side=448, long_side_max=2048)
+    assert p.resized_size(512, 683) == (448, 598)
+    assert p.resized_size(1024, 2048) == (448, 896)
+    assert p.resized_size(100, 1000) == (205, 2048)  # long side capped
+    assert Protocol(short_side=None).resized_size(37, 41) == (37, 41)
+
+
+@pytest.mark.parametrize("values, message", [({"crop": 0}, "crop"), ({"prob_thd": 0.1}, "needs logit_scale"),
+                                             ({"short_side": "big"}, "short_side"), ({"sizes": 3}, "unknown")])
+def test_protocol_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Protocol.from_dict(values)
+
+
+def test_thresholds_follow_sclip():
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(4, 20, 30) * 3, 0)
+    p = Protocol(logit_scale=40, prob_thd=0.5, area_thd=0.1)
+    # SCLIP reference order: zero small foreground classes, argmax, then the probability threshold
+    seg = probs.clone()
+    onehot = F.one_hot(seg.argmax(0), 4).float()
+    area = onehot[:, :, 1:].sum((0, 1))
+    seg[1:] *= (area > 0.1 * area.sum()).float().view(-1, 1, 1)
+    expected = seg.argmax(0)
+    expected[seg.max(0).values < 0.5] = 0
+    assert torch.equal(apply_thresholds(probs, p), expected)
+    assert torch.equal(apply_thresholds(probs, Protocol()), probs.argmax(0))
