@@ -24,6 +24,7 @@ from . import __version__
 from .config import build_segmenter, dataset_classes, dataset_protocol
 from .errors import ConfigError, DatasetError
 from .paths import data_root as default_data_root
+from .vocabulary import Vocabulary
 
 
 @dataclass
@@ -175,8 +176,8 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
         if opts.limit is not None:
             dataset = Subset(dataset, range(min(opts.limit, len(dataset))))
         segmenter.protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
-        vocabulary = segmenter.set_classes(dataset_classes(cfg, spec.name, spec.classes))
-        module = BenchModule(segmenter, vocabulary.num_classes, spec.ignore_index)
+        vocabulary = Vocabulary(dataset_classes(cfg, spec.name, spec.classes))
+        module = BenchModule(segmenter, vocabulary, spec.ignore_index)
         trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, logger, opts.progress)
         start = time.perf_counter()
         results = evaluate(trainer, module, dataset, opts.num_workers)

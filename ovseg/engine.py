@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DatasetError
 from .metrics import BoundaryIoU, IoU
 from .segmenter import Segmenter
+from .vocabulary import Vocabulary
 
 
 def _as_list(batch: Any) -> list:
@@ -26,13 +27,18 @@ def _as_list(batch: Any) -> list:
 class BenchModule(L.LightningModule):
     """Segments each sample and accumulates mIoU and Boundary IoU for one dataset."""
 
-    def __init__(self, segmenter: Segmenter, num_classes: int, ignore_index: int = 255, on_sample=None):
+    def __init__(self, segmenter: Segmenter, vocabulary: Vocabulary, ignore_index: int = 255, on_sample=None):
         super().__init__()
         self.segmenter = segmenter
-        self.iou = IoU(num_classes, ignore_index=ignore_index)
-        self.biou = BoundaryIoU(num_classes, ignore_index=ignore_index)
+        self.vocabulary = vocabulary
+        self.iou = IoU(vocabulary.num_classes, ignore_index=ignore_index)
+        self.biou = BoundaryIoU(vocabulary.num_classes, ignore_index=ignore_index)
         self.on_sample = on_sample
         self.results: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def on_predict_start(self) -> None:
+        # text embeddings are encoded here, after Lightning moved the models to their device
+        self.segmenter.set_classes(self.vocabulary)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> None:
         for sample in batch:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .protocol import Protocol
-from .stages import FeatureExtractor, Refiner, VLMPredictor, module_dtype
+from .stages import FeatureExtractor, Refiner, VLMPredictor, module_device, module_dtype
 from .vocabulary import Vocabulary
 from .windows import crop_windows, sliding_windows
 
@@ -117,7 +117,7 @@ class Segmenter(nn.Module):
             self.set_classes(classes)
         if self.vocabulary is None:
             raise ConfigError("no classes set: call set_classes(...) or pass classes=")
-        device = next(self.predictor.parameters()).device
+        device = module_device(self)
         image = to_float_image(image.to(device))
         size = tuple(image.shape[-2:])
         scores = self.refined_scores(image)

@@ -50,6 +50,13 @@ def prepare_images(
     return x.to(dtype) if dtype is not None else x
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for a module with neither)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def module_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype of a module's parameters (float32 for a module without parameters)."""
     for p in module.parameters():
