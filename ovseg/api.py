@@ -1,0 +1,217 @@
+"""Python API for segmenting your own images in three lines.
+
+    from ovseg.api import load_segmenter
+    seg = load_segmenter("lposs_plus")
+    result = seg.segment(image, ["cow", "grass", "sky, clouds"])   # result.labels, result.scores
+
+`Segmenter.segment` takes the core's (3, H, W) tensors; this module adds the conversion from what
+users hold (PIL images of any mode, numpy arrays, files) so that every entry point converts alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import ConfigError
+from .segmenter import Segmentation, Segmenter
+from .vocabulary import Vocabulary
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Integer or float pixel values to uint8 by their type's range (16-bit /257, float [0,1] x255)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and float(np.nanmax(arr)) > 1.0:
+            raise ConfigError(
+                f"float images must hold values in [0, 1], got a maximum of {float(np.nanmax(arr)):.3g}; "
+                "pass uint8 values or divide by 255"
+            )
+        return np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = int(arr.max()) if arr.size else 0
+        if top <= 255 and arr.dtype.itemsize > 2:
+            return np.clip(arr, 0, 255).astype(np.uint8)  # 32-bit PIL "I" images holding 8-bit data
+        if top <= 65535:
+            return (np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+        return (arr.astype(np.float64) / top * 255 + 0.5).astype(np.uint8)
+    raise ConfigError(f"unsupported pixel type {arr.dtype}")
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: greyscale, palette, CMYK and 16-bit images are converted, and
+    transparent pixels (RGBA, LA, palette transparency) are composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = _scale_to_uint8(np.asarray(img))
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, upright according to its EXIF orientation.
+
+    Raises OSError (including PIL's UnidentifiedImageError) for a missing or unreadable file.
+    """
+    with Image.open(path) as img:
+        img.load()  # decode now, so a truncated file fails here rather than later
+        img = ImageOps.exif_transpose(img) or img
+        return np.array(pil_to_rgb(img))
+
+
+def as_image_tensor(image) -> torch.Tensor:
+    """A (3, H, W) uint8 or float tensor from a PIL image, a numpy array, a tensor or a file path.
+
+    numpy arrays are (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped), uint8, uint16 or
+    float in [0, 1]; tensors are (3, H, W) as the core expects ((H, W) and (1, H, W) are repeated to
+    three channels, a 4th channel is dropped).
+    """
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        image = np.array(pil_to_rgb(image))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+            arr = arr[..., :3]
+        elif arr.ndim != 2:
+            raise ConfigError(f"expected an (H, W) or (H, W, 3) image array, got shape {arr.shape}")
+        arr = _scale_to_uint8(arr)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        t = image
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ConfigError(
+                f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)} "
+                "(an (H, W, 3) array should be passed as numpy or permuted first)"
+            )
+        t = t[:3]
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    raise ConfigError(f"cannot segment an object of type {type(image).__name__}: pass a PIL image, numpy array, tensor or path")
+
+
+def as_vocabulary(classes) -> Vocabulary | None:
+    """Class list, CLI-style string (`"cow; grass; sky, clouds"`) or Vocabulary, as a Vocabulary."""
+    if classes is None or isinstance(classes, Vocabulary):
+        return classes
+    if isinstance(classes, str):
+        return Vocabulary.parse(classes)
+    return Vocabulary(classes)
+
+
+class ImageSegmenter(Segmenter):
+    """A `Segmenter` whose `segment` also takes PIL images, numpy arrays, paths and class strings."""
+
+    @torch.no_grad()
+    def segment(self, image, classes: Vocabulary | Sequence | str | None = None) -> Segmentation:
+        vocabulary = as_vocabulary(classes)
+        if vocabulary is not None and self.vocabulary is not None and vocabulary.class_names == self.vocabulary.class_names:
+            vocabulary = self.vocabulary  # same classes: keep the cached text embeddings
+        return super().segment(as_image_tensor(image), vocabulary)
+
+
+def resolve_device(accelerator: str | None) -> torch.device:
+    """`cpu`, `gpu`/`cuda`, `mps` or `auto` (a GPU when one is visible) as a torch device."""
+    acc = (accelerator or "auto").lower()
+    if acc == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if acc == "cpu":
+        return torch.device("cpu")
+    if acc in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--accelerator {accelerator}: no CUDA GPU is visible; use --accelerator cpu or auto")
+        return torch.device("cuda")
+    if acc == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError("--accelerator mps: Apple MPS is not available here; use --accelerator cpu or auto")
+        return torch.device("mps")
+    raise ConfigError(f"--accelerator must be cpu, gpu, mps or auto, got {accelerator!r}")
+
+
+PRECISIONS = ("32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed")
+
+
+def check_precision(precision: str | None) -> str:
+    precision = precision or "32-true"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def place(segmenter: Segmenter, device: torch.device, precision: str = "32-true") -> Segmenter:
+    """Move the segmenter to `device`; `*-true` precisions cast the predictor and extractor weights.
+
+    The refiner keeps float32: its solvers (conjugate gradients) need the precision, and the
+    segmenter hands it float32 scores in every case.
+    """
+    precision = check_precision(precision)
+    segmenter.to(device)
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
+    if dtype is not None:
+        for stage in (segmenter.predictor, segmenter.extractor):
+            if stage is not None:
+                stage.to(dtype)
+    return segmenter
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for `*-mixed` precisions (a no-op context otherwise)."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def load_segmenter(
+    method: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    predictor: str | None = None,
+    extractor: str | None = None,
+    refiner: str | None = None,
+    device: str | torch.device | None = "auto",
+    precision: str = "32-true",
+) -> ImageSegmenter:
+    """Build a method (a name in configs/methods or a YAML path; default lposs_plus) for your images.
+
+    `overrides` are the CLI's `key=value` pairs (`refiner.k=200`, `protocol.short_side=336`);
+    `predictor`/`extractor`/`refiner` replace a stage as `--predictor` etc. do; `device` is `auto`,
+    `cpu`, `gpu`, `mps` or a torch device; `precision` as `--precision` (`*-mixed` precisions apply
+    in `ovseg predict`; here wrap calls in `ovseg.api.autocast` yourself).
+    """
+    from .config import apply_overrides, dataset_protocol, load_method, select_stages, split_overrides
+
+    cfg = load_method(method)
+    cfg = select_stages(cfg, predictor=predictor, extractor=extractor, refiner=refiner)
+    method_overrides, protocol_overrides = split_overrides(list(overrides))
+    cfg = apply_overrides(cfg, method_overrides)
+    return from_config(cfg, dataset_protocol(cfg, final=protocol_overrides), device, precision)
+
+
+def from_config(cfg, protocol, device="auto", precision: str = "32-true") -> ImageSegmenter:
+    """An `ImageSegmenter` for a resolved method config and protocol, placed on `device`."""
+    from .config import build_segmenter
+
+    base = build_segmenter(cfg, protocol)
+    seg = ImageSegmenter(base.predictor, base.refiner, base.extractor, base.protocol)
+    seg.method_config = cfg  # kept for reference (name, parameters)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return place(seg, dev, precision)
