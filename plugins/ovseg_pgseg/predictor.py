@@ -1,0 +1,209 @@
+"""`pgseg` and `groupvit` VLM predictors: per-name scores from group tokens and their pixel assignment.
+
+GroupViT (Xu et al., CVPR 2022) segments by grouping: its image encoder merges the patches into 8
+group tokens, and each patch belongs to a group through the chained assignment of the grouping
+stages. PGSeg (Zhang et al., NeurIPS 2023) is GroupViT plus prototype modules (NPR) in the grouping
+stages. Scores for a window are therefore `assignment (N, G) @ group_scores (G, Q)`, where:
+
+- `decode="soft"` (default): group_scores are the raw cosines between the projected group tokens and
+  the name embeddings, and the assignment is the soft one. These are cosine similarities mixed by the
+  assignment weights (each row sums to one), so the values lie in [-1, 1], with no softmax: the
+  `VLMPredictor` contract, usable with a protocol `logit_scale`/`prob_thd` or as initial scores for a
+  refiner.
+- `decode="paper"`: the release's decoding (see `decode.py`): one-hot assignment, group
+  probabilities `softmax(top-k masked) * softmax`, in [0, 1]; with `bg_thresh` the names of class
+  `background_class` are not matched and score 1 on background groups, 0 elsewhere.
+
+`grid="patch"` returns the patch grid (B, Q, ceil(H/p), ceil(W/p)); `grid="pixel"` resizes the
+assignment to the input pixels before the arg-max (B, Q, H, W), as the release does. Only the `none`
+refiner (bilinear resize to the window, an identity at equal size) reproduces the release from it.
+
+This is a port of NVIDIA-licensed research code (NVIDIA Source Code License, non-commercial).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ovseg.errors import ConfigError
+from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD, VLMPredictor, module_dtype, prepare_images
+from ovseg.vocabulary import Vocabulary
+
+from .checkpoint import load_release_weights
+from .decode import assignment_to_pixels, one_hot_groups, paper_group_scores
+from .model import GroupViTConfig, GroupViTModel
+
+#: the release evaluates segmentation with the `simple` template
+SIMPLE_TEMPLATES = ("a photo of a {}.",)
+DECODES = ("soft", "paper")
+GRIDS = ("patch", "pixel")
+#: prompts encoded per text-encoder call
+_TEXT_BATCH = 1024
+
+
+def resolve_templates(templates: str | Sequence[str], where: str) -> list:
+    """`simple` (the release's), `imagenet80` (OpenAI's 80), or a list of strings with `{}`."""
+    if templates == "simple":
+        return list(SIMPLE_TEMPLATES)
+    if templates == "imagenet80":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return list(OPENAI_IMAGENET_TEMPLATES)
+    if isinstance(templates, str) or not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ConfigError(f"{where}: templates must be 'simple', 'imagenet80' or a list of strings containing '{{}}', got {templates!r}")
+    return list(templates)
+
+
+class GroupViTPredictor(VLMPredictor):
+    """GroupViT: grouping ViT-S + text transformer, loaded from a release checkpoint.
+
+    Args:
+        pretrained: path to a release checkpoint (`.pth`, tensors-only `.pth` or `.safetensors`),
+            or `"random"` for random weights.
+        trust_checkpoint: allow full unpickling of a checkpoint that stores Python objects (the
+            releases pickle their training config). Only for files you trust.
+        templates: prompt templates; names are embedded as the release does (mean of the projected
+            template embeddings, then L2-normalised).
+        decode: `"soft"` or `"paper"` (see the module docstring).
+        grid: `"patch"` or `"pixel"`.
+        topk: `decode="paper"`: classes kept per window (the release: 5).
+        bg_thresh: `decode="paper"`: the release's background threshold; None = no thresholding
+            (the background class, if any, is matched by its names like any other class).
+        background_class: the vocabulary index of the thresholded background class.
+        **architecture: `GroupViTConfig` fields; defaults are the released model's.
+    """
+
+    npr = False
+    kind = "groupvit"
+
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        trust_checkpoint: bool = False,
+        templates: str | Sequence[str] = "simple",
+        decode: str = "soft",
+        grid: str = "patch",
+        topk: int = 5,
+        bg_thresh: float | None = None,
+        background_class: int = 0,
+        **architecture,
+    ):
+        super().__init__()
+        where = f"predictor {self.kind}"
+        if decode not in DECODES:
+            raise ConfigError(f"{where}: decode must be one of {DECODES}, got {decode!r}")
+        if grid not in GRIDS:
+            raise ConfigError(f"{where}: grid must be one of {GRIDS}, got {grid!r}")
+        if not isinstance(topk, int) or topk < 1:
+            raise ConfigError(f"{where}: topk must be a positive integer, got {topk!r}")
+        if bg_thresh is not None and (decode != "paper" or not 0.0 <= float(bg_thresh) <= 1.0):
+            raise ConfigError(
+                f"{where}: bg_thresh must be in [0, 1] and needs decode='paper' (got bg_thresh={bg_thresh!r}, "
+                f"decode={decode!r}); with decode='soft' use the protocol's logit_scale and prob_thd"
+            )
+        if "npr" in architecture:
+            raise ConfigError(f"{where}: npr is fixed by the predictor: use 'pgseg' (with NPR) or 'groupvit' (without)")
+        cfg = GroupViTConfig.from_kwargs({**architecture, "npr": self.npr}, where)
+        self.model = GroupViTModel(cfg)
+        self.random_weights = pretrained == "random"
+        if not self.random_weights:
+            load_release_weights(self.model, pretrained, trust=trust_checkpoint, kind=self.kind)
+        self.model.eval()
+        self.patch_size = cfg.patch_size
+        self.templates = resolve_templates(templates, where)
+        self.decode = decode
+        self.grid = grid
+        self.topk = topk
+        self.bg_thresh = None if bg_thresh is None else float(bg_thresh)
+        self.background_class = int(background_class)
+        self.vocabulary: Vocabulary | None = None
+        self.register_buffer("text_embeddings", torch.empty(0), persistent=False)
+        self._tokenizer = None
+
+    def train(self, mode: bool = True):
+        """Inference only: the model stays in eval mode (BatchNorm running statistics, hard grouping)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def logit_scale(self) -> float:
+        """The checkpoint's temperature, exp(logit_scale) clamped at 100 (used by `decode="paper"`)."""
+        return self.model.temperature()
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self._tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._tokenizer = SimpleTokenizer(context_length=self.model.cfg.context_length)
+        return self._tokenizer(texts)
+
+    @torch.no_grad()
+    def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
+        vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
+        prompts = [t(name) if callable(t) else t.format(name) for name in vocab.names for t in self.templates]
+        tokens = self._tokenize(prompts).to(self.text_embeddings.device)
+        emb = torch.cat([self.model.encode_text(chunk).float() for chunk in tokens.split(_TEXT_BATCH)])
+        emb = emb.view(len(vocab.names), len(self.templates), -1).mean(dim=1)
+        self.text_embeddings = torch.nn.functional.normalize(emb, dim=-1)
+        self.vocabulary = vocab
+
+    def _background_names(self) -> torch.Tensor | None:
+        if self.bg_thresh is None:
+            return None
+        if not 0 <= self.background_class < self.vocabulary.num_classes:
+            raise ConfigError(
+                f"predictor {self.kind}: background_class {self.background_class} is not a class index of the "
+                f"vocabulary ({self.vocabulary.num_classes} classes)"
+            )
+        if self.vocabulary.num_classes < 2:
+            raise ConfigError(f"predictor {self.kind}: bg_thresh needs at least one class besides the background")
+        return self.vocabulary.name_to_class == self.background_class
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores (B, Q, h, w), float32; see the module docstring for what they are."""
+        if self.vocabulary is None:
+            raise RuntimeError(f"{type(self).__name__}: call set_classes(...) before predicting")
+        b, _, height, width = images.shape
+        x = prepare_images(images, IMAGENET_MEAN, IMAGENET_STD, self.patch_size, dtype=module_dtype(self.model))
+        enc = self.model.encode_image(x)
+        text = self.text_embeddings.float()
+        if self.decode == "soft":
+            group_scores = enc.groups.float() @ text.T
+        else:
+            group_scores = paper_group_scores(
+                enc.groups.float(),
+                enc.image.float(),
+                text,
+                logit_scale=self.logit_scale,
+                topk=self.topk,
+                name_to_class=self.vocabulary.name_to_class,
+                background=self._background_names(),
+                bg_thresh=self.bg_thresh,
+            )
+        assignment = enc.assignment.float()
+        size = enc.grid
+        if self.grid == "pixel":
+            assignment = assignment_to_pixels(assignment, enc.grid, self.patch_size, (height, width))
+            size = (height, width)
+        if self.decode == "paper":
+            assignment = one_hot_groups(assignment)
+        scores = assignment @ group_scores  # (B, n, Q)
+        return scores.transpose(1, 2).reshape(b, -1, *size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"random_weights={self.random_weights}, decode={self.decode!r}, grid={self.grid!r}, topk={self.topk}, "
+            f"bg_thresh={self.bg_thresh}, templates={len(self.templates)}"
+        )
+
+
+class PGSegPredictor(GroupViTPredictor):
+    """PGSeg: GroupViT with prototype reconstruction (NPR) before both grouping blocks."""
+
+    npr = True
+    kind = "pgseg"
