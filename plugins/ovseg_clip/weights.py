@@ -72,11 +72,11 @@ class LoadedModel:
     std: tuple[float, ...] = OPENAI_CLIP_STD
 
 
-def _fix_hint(method: str, model: str, tag: str) -> str:
+def _fix_hint(method: str) -> str:
     return (
-        f"On a machine with network access run `ovseg download --method {method}` (it caches "
-        f"{model}/{tag} for open_clip), or pass `predictor.pretrained=/path/to/checkpoint` (an "
-        "open_clip checkpoint or OpenAI's ViT-B-16.pt), or `predictor.pretrained=random` for a smoke test."
+        f"Fix: on a machine with network access run `ovseg download --method {method}` (it caches the "
+        "weights named in the method's config), or pass `predictor.pretrained=/path/to/checkpoint` (an "
+        "open_clip checkpoint or OpenAI's ViT-B-16.pt); `predictor.pretrained=random` runs without weights."
     )
 
 
@@ -317,7 +317,7 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
         raise WeightsError(
             f"pretrained={tag!r} is neither an open_clip tag of {model!r} (known tags: "
             f"{', '.join(tags) or 'none'}) nor an existing file. "
-            + _fix_hint(method, model, tags[0] if tags else "<tag>")
+            + _fix_hint(method)
         )
     found = _cached_file(cfg, cache_dir)
     if found:
@@ -330,7 +330,7 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
         raise WeightsError(
             f"{model} weights {tag!r} are not in {where} and this machine is offline "
             f"({'HF_HUB_OFFLINE/OVSEG_OFFLINE is set' if _offline_env() else 'cannot reach ' + ', '.join(hosts)}). "
-            + _fix_hint(method, model, tag)
+            + _fix_hint(method)
         )
     try:
         from open_clip.pretrained import download_pretrained
@@ -339,14 +339,33 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(
             f"downloading {model} weights {tag!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            + _fix_hint(method, model, tag)
+            + _fix_hint(method)
         ) from exc
     if not path or not os.path.isfile(path):
-        raise WeightsError(f"open_clip returned no file for {model}/{tag}. " + _fix_hint(method, model, tag))
+        raise WeightsError(f"open_clip returned no file for {model}/{tag}. " + _fix_hint(method))
     return path
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache_dir: str | None, method: str):
+    is_file = os.path.exists(pretrained)
+    is_tag = not is_file and bool(open_clip.get_pretrained_cfg(model, pretrained))
+    looks_like_path = os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != ""
+    if is_file or (looks_like_path and not is_tag):
+        sd, ts = read_state_dict(pretrained)
+        net, tok, desc = build_from_state_dict(sd, model, quick_gelu, ts, repr(pretrained))
+        return LoadedModel(net, tok, desc, False)
+    _model_cfg(model)
+    path = resolve_tag(model, pretrained, cache_dir, method)
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+    sd, ts = read_state_dict(path)
+    net, tok, desc = build_from_state_dict(sd, model, qg, ts, f"{model}/{pretrained} ({path})")
+    mean = tuple(tag_cfg.get("mean", OPENAI_CLIP_MEAN))
+    std = tuple(tag_cfg.get("std", OPENAI_CLIP_STD))
+    return LoadedModel(net, tok, desc, False, mean, std)
 
 
 def load_clip(
@@ -367,21 +386,12 @@ def load_clip(
         net = create_random(model, quick_gelu, seed)
         loaded = LoadedModel(net, model, f"{model} with random weights (seed {seed})", True)
     else:
-        looks_like_path = os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != ""
-        if os.path.exists(pretrained) or looks_like_path:
-            sd, ts = read_state_dict(pretrained)
-            net, tok, desc = build_from_state_dict(sd, model, quick_gelu, ts, repr(pretrained))
-            loaded = LoadedModel(net, tok, desc, False)
-        else:
-            _model_cfg(model)
-            path = resolve_tag(model, pretrained, cache_dir, method)
-            tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-            qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
-            sd, ts = read_state_dict(path)
-            net, tok, desc = build_from_state_dict(sd, model, qg, ts, f"{model}/{pretrained} ({path})")
-            mean = tuple(tag_cfg.get("mean", OPENAI_CLIP_MEAN))
-            std = tuple(tag_cfg.get("std", OPENAI_CLIP_STD))
-            loaded = LoadedModel(net, tok, desc, False, mean, std)
+        try:
+            loaded = _load_pretrained(model, pretrained, quick_gelu, cache_dir, method)
+        except WeightsError as exc:
+            if "Fix:" in str(exc):
+                raise
+            raise WeightsError(f"{exc}. {_fix_hint(method)}") from (exc.__cause__ or exc)
     loaded.model = loaded.model.float().eval().requires_grad_(False)
     log.info("CLIP weights: %s", loaded.source)
     return loaded
