@@ -46,9 +46,8 @@ class BenchOptions:
 
 def is_rank_zero() -> bool:
     """Rank before Lightning starts its processes: children of the DDP launcher carry rank variables."""
-    return all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK")) and os.environ.get(
-        "RANK", "0"
-    ) == "0"
+    rank_vars = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID")
+    return all(os.environ.get(v, "0") == "0" for v in rank_vars)
 
 
 def _identity(cfg: DictConfig, suite_name: str, opts: BenchOptions) -> dict[str, Any]:
@@ -90,7 +89,13 @@ def _prepare_run_dir(run_dir: Path, identity: dict, suite, random_weights: bool)
         return
     (run_dir / "datasets").mkdir(parents=True, exist_ok=True)
     doc = dict(identity)
-    doc["suite"] = {"name": suite.name, "datasets": [d.name for d in suite.datasets]}
+    doc["suite"] = {
+        "name": suite.name,
+        "datasets": [d.name for d in suite.datasets],
+        # kept so reports of a custom suite know titles, domains and groups of datasets without results
+        "entries": [{"name": d.name, "title": getattr(d, "title", None), "domain": getattr(d, "domain", None),
+                     "group": getattr(d, "group", None)} for d in suite.datasets],
+    }
     doc["random_weights"] = random_weights
     doc["environment"] = _environment()
     OmegaConf.save(OmegaConf.create(doc), config_path)
