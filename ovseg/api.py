@@ -213,5 +213,6 @@ def from_config(cfg, protocol, device="auto", precision: str = "32-true") -> Ima
     base = build_segmenter(cfg, protocol)
     seg = ImageSegmenter(base.predictor, base.refiner, base.extractor, base.protocol)
     seg.method_config = cfg  # kept for reference (name, parameters)
+    seg.eval()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return place(seg, dev, precision)
