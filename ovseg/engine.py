@@ -7,6 +7,8 @@ metrics are updated in `predict_step` and computed on every rank at epoch end (a
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -17,6 +19,13 @@ from .errors import DatasetError
 from .metrics import BoundaryIoU, IoU
 from .segmenter import Segmenter
 from .vocabulary import Vocabulary
+
+
+# predict_step returns None on purpose (metrics only) and the device banners repeat once per dataset
+warnings.filterwarnings("ignore", message=".*predict returned None.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
 
 
 def _as_list(batch: Any) -> list:
