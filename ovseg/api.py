@@ -42,8 +42,8 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
         if top <= 255 and arr.dtype.itemsize > 2:
             return np.clip(arr, 0, 255).astype(np.uint8)  # 32-bit PIL "I" images holding 8-bit data
         if top <= 65535:
-            return (np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
-        return (arr.astype(np.float64) / top * 255 + 0.5).astype(np.uint8)
+            return ((np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return (np.clip(arr, 0, None).astype(np.float64) / top * 255 + 0.5).astype(np.uint8)
     raise ConfigError(f"unsupported pixel type {arr.dtype}")
 
 

@@ -270,6 +270,7 @@ def test_api_accepts_pil_numpy_tensor_and_paths(tmp_path, colour_method):
         seg.segment(Image.fromarray(image), CLASSES),
         seg.segment(torch.from_numpy(image).permute(2, 0, 1), CLASSES),
         seg.segment(image.astype(np.float32) / 255, CLASSES),
+        seg.segment(image.astype(np.uint16) * 257, CLASSES),  # 16-bit
         seg.segment(tmp_path / "x.png"),  # classes cached from the previous call
     ]
     for r in results:
