@@ -118,6 +118,9 @@ class GroupingStage(nn.Module):
         self.group_projector = None
         if num_group_token > 0 and prev_group_token:
             self.group_projector = nn.Sequential(nn.LayerNorm(dim), MixerMlp(prev_group_token, dim // 2, num_group_token))
+        elif self.group_token is not None:
+            # distinct random tokens (the release zero-initialises only tokens that get a projection)
+            nn.init.trunc_normal_(self.group_token, std=0.02)
         self.blocks = nn.ModuleList(AttnBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.grouping = None
         self.prototypes = None

@@ -77,6 +77,12 @@ class GroupViTPredictor(VLMPredictor):
 
     npr = False
     kind = "groupvit"
+    # decoding options (see `configure`)
+    decode: str = "soft"
+    grid: str = "patch"
+    topk: int = 5
+    bg_thresh: float | None = None
+    background_class: int = 0
 
     def __init__(
         self,
@@ -93,17 +99,6 @@ class GroupViTPredictor(VLMPredictor):
     ):
         super().__init__()
         where = f"predictor {self.kind}"
-        if decode not in DECODES:
-            raise ConfigError(f"{where}: decode must be one of {DECODES}, got {decode!r}")
-        if grid not in GRIDS:
-            raise ConfigError(f"{where}: grid must be one of {GRIDS}, got {grid!r}")
-        if not isinstance(topk, int) or topk < 1:
-            raise ConfigError(f"{where}: topk must be a positive integer, got {topk!r}")
-        if bg_thresh is not None and (decode != "paper" or not 0.0 <= float(bg_thresh) <= 1.0):
-            raise ConfigError(
-                f"{where}: bg_thresh must be in [0, 1] and needs decode='paper' (got bg_thresh={bg_thresh!r}, "
-                f"decode={decode!r}); with decode='soft' use the protocol's logit_scale and prob_thd"
-            )
         if "npr" in architecture:
             raise ConfigError(f"{where}: npr is fixed by the predictor: use 'pgseg' (with NPR) or 'groupvit' (without)")
         cfg = GroupViTConfig.from_kwargs({**architecture, "npr": self.npr}, where)
@@ -114,14 +109,42 @@ class GroupViTPredictor(VLMPredictor):
         self.model.eval()
         self.patch_size = cfg.patch_size
         self.templates = resolve_templates(templates, where)
-        self.decode = decode
-        self.grid = grid
-        self.topk = topk
-        self.bg_thresh = None if bg_thresh is None else float(bg_thresh)
-        self.background_class = int(background_class)
+        self.configure(decode=decode, grid=grid, topk=topk, bg_thresh=bg_thresh, background_class=background_class)
         self.vocabulary: Vocabulary | None = None
         self.register_buffer("text_embeddings", torch.empty(0), persistent=False)
         self._tokenizer = None
+
+    def configure(self, **options) -> None:
+        """Change decoding options (`decode`, `grid`, `topk`, `bg_thresh`, `background_class`) in place.
+
+        They only affect `forward`, so a segmenter can set per-dataset values (e.g. the release's
+        background thresholds) without reloading weights.
+        """
+        where = f"predictor {self.kind}"
+        allowed = ("decode", "grid", "topk", "bg_thresh", "background_class")
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}: unknown decoding option(s) {unknown}; known: {list(allowed)}")
+        new = {name: options.get(name, getattr(self, name)) for name in allowed}
+        if new["decode"] not in DECODES:
+            raise ConfigError(f"{where}: decode must be one of {DECODES}, got {new['decode']!r}")
+        if new["grid"] not in GRIDS:
+            raise ConfigError(f"{where}: grid must be one of {GRIDS}, got {new['grid']!r}")
+        if isinstance(new["topk"], bool) or not isinstance(new["topk"], int) or new["topk"] < 1:
+            raise ConfigError(f"{where}: topk must be a positive integer, got {new['topk']!r}")
+        thresh = new["bg_thresh"]
+        if thresh is not None and (
+            new["decode"] != "paper" or not isinstance(thresh, (int, float)) or not 0.0 <= thresh <= 1.0
+        ):
+            raise ConfigError(
+                f"{where}: bg_thresh must be in [0, 1] and needs decode='paper' (got bg_thresh={thresh!r}, "
+                f"decode={new['decode']!r}); with decode='soft' use the protocol's logit_scale and prob_thd"
+            )
+        if isinstance(new["background_class"], bool) or not isinstance(new["background_class"], int) or new["background_class"] < 0:
+            raise ConfigError(f"{where}: background_class must be a class index, got {new['background_class']!r}")
+        new["bg_thresh"] = None if thresh is None else float(thresh)
+        for name, value in new.items():
+            setattr(self, name, value)
 
     def train(self, mode: bool = True):
         """Inference only: the model stays in eval mode (BatchNorm running statistics, hard grouping)."""
