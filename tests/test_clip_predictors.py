@@ -598,3 +598,14 @@ def test_tag_from_hf_cache(tmp_path, monkeypatch):
     assert not torch.allclose(pred(images), src(images), atol=1e-3)  # the tag's mean/std are used
     src.mean, src.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     torch.testing.assert_close(pred(images), src(images))  # otherwise the same weights
+
+
+def test_autocast_bf16_returns_float32(predictors):
+    pred = predictors["clearclip"]
+    pred.set_classes(NAMES)
+    images = _images(64, 96)
+    ref = pred(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pred(images)
+    assert out.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.98

@@ -10,7 +10,6 @@ in float32/bfloat16 on CPU and CUDA.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -240,9 +239,9 @@ def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) 
 
 
 def cosine_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """(B, h, w, E) image features x (Q, E) text embeddings -> (B, Q, h, w) cosines."""
-    return torch.einsum("bhwe,qe->bqhw", features, text.to(features))
+    """(B, h, w, E) image features x (Q, E) text embeddings -> (B, Q, h, w) float32 cosines.
 
-
-def grid_of(height: int, width: int, patch: int) -> Grid:
-    return math.ceil(height / patch), math.ceil(width / patch)
+    Autocast is switched off here so that a bf16-mixed engine still gets float32 scores.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.einsum("bhwe,qe->bqhw", features.float(), text.to(features.device, torch.float32))

@@ -277,13 +277,16 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
+    """Repository and file names open_clip's `download_pretrained_from_hf` would try, safetensors first."""
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-    repo, filename = os.path.split(hf_hub.rstrip("/")) if not hf_hub.endswith("/") else (hf_hub.rstrip("/"), "")
-    if not filename:
-        return repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
-    alts = [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []
-    return repo, alts + [filename]
+    repo, filename = os.path.split(hf_hub)
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return repo, [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
 
 
 def _cached_file(cfg: Mapping, cache_dir: str | None) -> str | None:
