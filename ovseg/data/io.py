@@ -25,9 +25,10 @@ _SINGLE_CHANNEL = {"1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 def open_image(source: Any, where: str) -> Image.Image:
     """Open and fully decode a path, bytes, an HF `{"bytes", "path"}` dict or a PIL image."""
-    if isinstance(source, Image.Image):
-        return source
     try:
+        if isinstance(source, Image.Image):  # e.g. decoded by `datasets`: make sure the pixels load
+            source.load()
+            return source
         if isinstance(source, dict):  # datasets.Image with decode=False, or a raw struct
             data = source.get("bytes")
             source = io.BytesIO(data) if data is not None else source.get("path")
