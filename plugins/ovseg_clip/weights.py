@@ -26,9 +26,11 @@ How `model` and `pretrained` interact:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,15 +53,34 @@ from ovseg.stages import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
-_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _OPENAI_KEYS = ("visual.conv1.weight", "visual.proj", "visual.positional_embedding", "text_projection")
 _EXTRA_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
+#: ovseg's own open_clip architectures. `ovseg-tiny-vit` is a 2-layer, width-64 ViT-B/16 look-alike for
+#: smoke tests and `configs/methods/tiny.yaml` (random weights only).
+MODEL_CONFIGS: dict[str, dict] = {
+    "ovseg-tiny-vit": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+}
+
+
 def register_model_configs() -> None:
-    """Make ovseg's own open_clip configs (`ovseg-tiny-vit`) known to open_clip (idempotent)."""
-    if "ovseg-tiny-vit" not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+    """Make `MODEL_CONFIGS` known to open_clip (idempotent).
+
+    open_clip's public `add_model_config` reads JSON files, so the configs are written to a
+    temporary folder just for the call: kept in Python, they need no package data in a wheel.
+    """
+    missing = {k: v for k, v in MODEL_CONFIGS.items() if k not in open_clip.list_models()}
+    if not missing:
+        return
+    with tempfile.TemporaryDirectory(prefix="ovseg-open-clip-configs-") as tmp:
+        for name, cfg in missing.items():
+            (Path(tmp) / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(tmp)  # read now; later rescans keep already-registered configs
 
 
 @dataclass
@@ -356,7 +377,13 @@ def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache
     is_file = os.path.exists(pretrained)
     is_tag = not is_file and bool(open_clip.get_pretrained_cfg(model, pretrained))
     looks_like_path = os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != ""
-    if is_file or (looks_like_path and not is_tag):
+    if looks_like_path and not is_file and not is_tag:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise WeightsError(
+            f"checkpoint {pretrained!r} does not exist (and it is not an open_clip tag of {model!r}; "
+            f"known tags: {', '.join(tags) or 'none'})"
+        )
+    if is_file:
         sd, ts = read_state_dict(pretrained)
         net, tok, desc = build_from_state_dict(sd, model, quick_gelu, ts, repr(pretrained))
         return LoadedModel(net, tok, desc, False)
