@@ -23,6 +23,7 @@ This is a port of NVIDIA-licensed research code (NVIDIA Source Code License, non
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -86,7 +87,7 @@ class GroupViTPredictor(VLMPredictor):
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | Path,
         *,
         trust_checkpoint: bool = False,
         templates: str | Sequence[str] = "simple",
@@ -101,6 +102,8 @@ class GroupViTPredictor(VLMPredictor):
         where = f"predictor {self.kind}"
         if "npr" in architecture:
             raise ConfigError(f"{where}: npr is fixed by the predictor: use 'pgseg' (with NPR) or 'groupvit' (without)")
+        if not isinstance(pretrained, (str, Path)) or not str(pretrained):
+            raise ConfigError(f"{where}: pretrained must be a checkpoint path or 'random', got {pretrained!r}")
         cfg = GroupViTConfig.from_kwargs({**architecture, "npr": self.npr}, where)
         self.model = GroupViTModel(cfg)
         self.random_weights = pretrained == "random"
