@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from . import __version__
-from .config import build_segmenter, dataset_classes, dataset_protocol
+from .config import StageOptions, build_segmenter, dataset_classes, dataset_protocol
 from .errors import ConfigError, DatasetError
 from .paths import data_root as default_data_root
 from .vocabulary import Vocabulary
@@ -153,6 +153,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
     data_root = opts.data_root or default_data_root()
     run_dir = Path(opts.output)
     segmenter = build_segmenter(cfg)
+    stage_options = StageOptions(cfg, {"predictor": segmenter.predictor, "refiner": segmenter.refiner})
     identity = _identity(cfg, suite.name, opts)
     _prepare_run_dir(run_dir, identity, suite, segmenter.random_weights)
     if segmenter.random_weights:
@@ -181,6 +182,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
         if opts.limit is not None:
             dataset = Subset(dataset, range(min(opts.limit, len(dataset))))
         segmenter.protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
+        stage_options.apply(spec.name)
         vocabulary = Vocabulary(dataset_classes(cfg, spec.name, spec.classes))
         module = BenchModule(segmenter, vocabulary, spec.ignore_index)
         trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, logger, opts.progress)

@@ -30,6 +30,8 @@ from .protocol import Protocol
 DEFAULT_METHOD = "lposs_plus"
 METHOD_KEYS = {"name", "description", "predictor", "extractor", "refiner", "protocol", "datasets", "published"}
 STAGES = ("predictor", "extractor", "refiner")
+#: what a method may change per dataset; stage options go through the stage's `configure(**options)`
+DATASET_KEYS = {"protocol", "classes", "predictor", "refiner"}
 
 
 def method_path(spec: str | Path | None) -> Path:
@@ -68,6 +70,12 @@ def load_method(spec: str | Path | None = None) -> DictConfig:
     cfg.setdefault("datasets", {})
     cfg.setdefault("published", {})
     Protocol.from_dict(OmegaConf.to_container(cfg.protocol), where=f"{path}: protocol")
+    for dataset, override in cfg.datasets.items():
+        extra = sorted(set(override.keys()) - DATASET_KEYS) if isinstance(override, DictConfig) else None
+        if extra is None or extra:
+            raise ConfigError(
+                f"method config {path}: datasets.{dataset} may only set {sorted(DATASET_KEYS)}, got {override!r}"
+            )
     return cfg
 
 
@@ -136,6 +144,40 @@ def dataset_classes(cfg: DictConfig, dataset: str, default: list) -> list:
     """Class list for a dataset: the method's override (e.g. ClearCLIP's plain 'background') or the suite's."""
     override = cfg.datasets.get(dataset, {}).get("classes") if dataset in cfg.datasets else None
     return list(OmegaConf.to_container(override)) if override is not None else list(default)
+
+
+class StageOptions:
+    """Per-dataset stage options (`datasets.<name>.predictor`), e.g. PGSeg's background thresholds.
+
+    A stage that accepts them implements `configure(**options)`; datasets without an override get
+    the values the stage had when it was built, so one dataset's option never leaks into the next.
+    """
+
+    def __init__(self, cfg: DictConfig, stages: Mapping[str, Any]):
+        self.cfg = cfg
+        self.stages = stages
+        self.defaults: dict[str, dict[str, Any]] = {}
+        for stage, module in stages.items():
+            keys = sorted({k for o in cfg.datasets.values() if stage in o for k in o[stage].keys()})
+            if not keys:
+                continue
+            if not callable(getattr(module, "configure", None)):
+                raise ConfigError(
+                    f"method {cfg.name}: datasets override {stage} options {keys}, but "
+                    f"{type(module).__name__} has no configure(**options) to take them"
+                )
+            missing = [k for k in keys if not hasattr(module, k)]
+            if missing:
+                raise ConfigError(f"method {cfg.name}: {stage} {type(module).__name__} has no option(s) {missing}")
+            self.defaults[stage] = {k: getattr(module, k) for k in keys}
+
+    def apply(self, dataset: str) -> None:
+        override = self.cfg.datasets.get(dataset, {}) if dataset in self.cfg.datasets else {}
+        for stage, defaults in self.defaults.items():
+            options = dict(defaults)
+            if stage in override:
+                options.update(OmegaConf.to_container(override[stage], resolve=True))
+            self.stages[stage].configure(**options)
 
 
 def build_segmenter(cfg: DictConfig | str | Path | None = None, protocol: Protocol | None = None):

@@ -110,3 +110,31 @@ def test_thresholds_follow_sclip():
     expected[seg.max(0).values < 0.5] = 0
     assert torch.equal(apply_thresholds(probs, p), expected)
     assert torch.equal(apply_thresholds(probs, Protocol()), probs.argmax(0))
+
+
+def test_per_dataset_stage_options_apply_and_reset(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ovseg.config import StageOptions
+
+    class Stage:
+        def __init__(self):
+            self.thresh, self.topk, self.calls = None, 5, []
+
+        def configure(self, **options):
+            self.calls.append(options)
+            for k, v in options.items():
+                setattr(self, k, v)
+
+    cfg = OmegaConf.create({"name": "m", "datasets": {"voc21": {"predictor": {"thresh": 0.9}},
+                                                      "ctx": {"predictor": {"topk": 3}}}})
+    stage = Stage()
+    options = StageOptions(cfg, {"predictor": stage})
+    options.apply("voc21")
+    assert (stage.thresh, stage.topk) == (0.9, 5)
+    options.apply("ade20k")  # no override: back to the values the stage was built with
+    assert (stage.thresh, stage.topk) == (None, 5)
+    options.apply("ctx")
+    assert (stage.thresh, stage.topk) == (None, 3)
+    with pytest.raises(ConfigError, match="no configure"):
+        StageOptions(cfg, {"predictor": object()})
