@@ -66,11 +66,29 @@ class LPOSSRefiner(Refiner):
         patch_size: int | None = None,
     ):
         super().__init__()
+        LPOSSRefiner._set(self, k=k, gamma=gamma, sigma=sigma, pix_dist_pow=pix_dist_pow, alpha=alpha, tol=tol, maxiter=maxiter,
+                  patch_size=patch_size)
+
+    def _set(self, *, k, gamma, sigma, pix_dist_pow, alpha, tol, maxiter, patch_size) -> None:
         if k < 1 or maxiter < 0 or not 0.0 <= alpha < 1.0:
             raise ConfigError(f"invalid LPOSS parameters: k={k}, maxiter={maxiter}, alpha={alpha} (need k>=1, 0<=alpha<1)")
         self.k, self.gamma, self.sigma, self.pix_dist_pow = int(k), float(gamma), float(sigma), float(pix_dist_pow)
         self.alpha, self.tol, self.maxiter = float(alpha), float(tol), int(maxiter)
-        self.patch_size = patch_size
+        self.patch_size = None if patch_size is None else int(patch_size)
+
+    def configure(self, **options) -> None:
+        """Change options after construction (per-dataset overrides); unknown names are an error."""
+        unknown = sorted(k for k in options if k not in self._options())
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(self._options())}")
+        current = {k: getattr(self, k) for k in self._options()}
+        current.update(options)
+        self._set(**current)
+
+    def _options(self) -> list[str]:
+        import inspect
+
+        return [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
 
     def extra_repr(self) -> str:
         return (
@@ -133,14 +151,21 @@ class LPOSSPlusRefiner(LPOSSRefiner):
         pixel_maxiter: int | None = None,
         patch_size: int | None = None,
     ):
-        """`radius` 6 is the reference's r = 13 window; `pixel_*` default to the patch-stage values."""
+        """`radius` 6 is the reference's r = 13 window; `pixel_*` None means the patch stage's value."""
         super().__init__(k, gamma, sigma, pix_dist_pow, alpha, tol, maxiter, patch_size)
+        self._set_pixel(radius, tau, pixel_alpha, pixel_tol, pixel_maxiter)
+
+    def _set(self, *, radius, tau, pixel_alpha, pixel_tol, pixel_maxiter, **patch_options) -> None:
+        super()._set(**patch_options)
+        self._set_pixel(radius, tau, pixel_alpha, pixel_tol, pixel_maxiter)
+
+    def _set_pixel(self, radius, tau, pixel_alpha, pixel_tol, pixel_maxiter) -> None:
         if radius < 0 or tau <= 0:
             raise ConfigError(f"invalid LPOSS+ pixel parameters: radius={radius}, tau={tau}")
         self.radius, self.tau = int(radius), float(tau)
-        self.pixel_alpha = self.alpha if pixel_alpha is None else float(pixel_alpha)
-        self.pixel_tol = self.tol if pixel_tol is None else float(pixel_tol)
-        self.pixel_maxiter = self.maxiter if pixel_maxiter is None else int(pixel_maxiter)
+        self.pixel_alpha = None if pixel_alpha is None else float(pixel_alpha)
+        self.pixel_tol = None if pixel_tol is None else float(pixel_tol)
+        self.pixel_maxiter = None if pixel_maxiter is None else int(pixel_maxiter)
 
     def extra_repr(self) -> str:
         return (
@@ -155,7 +180,7 @@ class LPOSSPlusRefiner(LPOSSRefiner):
             merged,
             radius=self.radius,
             tau=self.tau,
-            alpha=self.pixel_alpha,
-            tol=self.pixel_tol,
-            maxiter=self.pixel_maxiter,
+            alpha=self.alpha if self.pixel_alpha is None else self.pixel_alpha,
+            tol=self.tol if self.pixel_tol is None else self.pixel_tol,
+            maxiter=self.maxiter if self.pixel_maxiter is None else self.pixel_maxiter,
         )

@@ -1,0 +1,314 @@
+"""LPOSS / LPOSS+ solvers and refiners against independent scipy computations of the reference math.
+
+The references below are written from the formulas (lposs.md §4-§7), not from the package: a dense
+numpy kNN graph or an explicit list of pixel edges, scipy sparse matrices and one
+`scipy.sparse.linalg.cg` per class with x0 = 0, rtol = tol, atol = 0 and maxiter = 10.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+scipy_sparse = pytest.importorskip("scipy.sparse")
+from scipy.sparse import linalg as sla  # noqa: E402
+
+from ovseg import build_refiner  # noqa: E402
+from ovseg.metrics import BoundaryIoU, IoU  # noqa: E402
+from ovseg.windows import merge_windows, sliding_windows  # noqa: E402
+from ovseg_lposs import propagate_patches, propagate_pixels  # noqa: E402
+from ovseg_lposs.cg import block_cg  # noqa: E402
+from ovseg_lposs.pixel_lp import lab_image  # noqa: E402
+from ovseg_lposs.refiners import LPOSSRefiner, infer_patch_size, patch_centers  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# independent references
+
+
+def scipy_cg_columns(L, Y, tol=1e-6, maxiter=10):
+    """One scipy CG per column, as the reference runs it (x0 = 0, relative tol, no preconditioner)."""
+    out = np.zeros(Y.shape, dtype=np.float64)
+    for j in range(Y.shape[1]):
+        b = Y[:, j].astype(np.float64)
+        out[:, j], _ = sla.cg(L, b, x0=np.zeros_like(b), rtol=tol, atol=0.0, maxiter=maxiter)
+    return out
+
+
+def normalized_laplacian(W, alpha):
+    """`I - alpha D^-1/2 W D^-1/2` with W's diagonal removed and zero degrees set to 1."""
+    W = scipy_sparse.csr_matrix(W)
+    W = W - scipy_sparse.diags(W.diagonal())
+    deg = np.asarray(W.sum(axis=1)).ravel()
+    deg[deg == 0] = 1
+    d = scipy_sparse.diags(1 / np.sqrt(deg))
+    return scipy_sparse.eye(W.shape[0]) - alpha * (d @ W @ d)
+
+
+def patch_reference(Y, X, C, k=400, gamma=3.0, sigma=0.01, p=1.0, alpha=0.95, tol=1e-6, maxiter=10):
+    X, C = np.asarray(X, np.float64), np.asarray(C, np.float64)
+    n = X.shape[0]
+    k = min(k, n)
+    S = X @ X.T
+    W = np.zeros((n, n))
+    for i in range(n):
+        nn_ = np.argsort(-S[i], kind="stable")[:k]
+        dist = np.sqrt(((C[nn_] - C[i]) ** 2).sum(-1))
+        W[i, nn_] = np.maximum(S[i, nn_], 0) ** gamma * np.exp(-sigma * dist**p)
+    return scipy_cg_columns(normalized_laplacian(W + W.T, alpha), np.asarray(Y), tol, maxiter)
+
+
+def pixel_reference(image, Y, radius=6, tau=0.01, alpha=0.95, tol=1e-6, maxiter=10):
+    """Explicit edge list of the (2r+1)² neighbourhood, exactly like the reference's get_pixel_connections."""
+    lab = lab_image(image.double()).reshape(3, -1).T.numpy()
+    _, h, w = image.shape
+    ys, xs = np.divmod(np.arange(h * w), w)
+    rows, cols = [], []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy == 0 and dx == 0:
+                continue
+            ok = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+            rows.append(np.nonzero(ok)[0])
+            cols.append((ys[ok] + dy) * w + xs[ok] + dx)
+    rows, cols = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (rows, cols))
+    weight = np.exp(-np.sqrt(((lab[rows] - lab[cols]) ** 2).sum(-1)) / tau)
+    W = scipy_sparse.csr_matrix((weight, (rows, cols)), shape=(h * w, h * w))
+    F = scipy_cg_columns(normalized_laplacian(W, alpha), Y.reshape(Y.shape[0], -1).T.numpy(), tol, maxiter)
+    return F.T.reshape(Y.shape)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def clustered(n, d, clusters, seed, noise=0.6):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g, dtype=torch.float64)
+    x = centres[torch.randint(0, clusters, (n,), generator=g)] + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# block CG
+
+
+def test_block_cg_matches_per_column_scipy_cg_with_early_stops():
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A @ A.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(A)
+    B = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    B[:, 1] = 0  # a zero right-hand side stays zero
+    B[:, 2] = 3 * evecs[:, 7]  # an eigenvector converges after one step and must stop there
+    B[:, 3] *= 1e-3  # scale must not matter (tolerance is relative to ‖b‖)
+    for maxiter, tol in [(10, 1e-6), (3, 1e-6), (60, 1e-9)]:
+        X = block_cg(lambda p: A @ p, B, tol=tol, maxiter=maxiter)
+        ref = scipy_cg_columns(A.numpy(), B.numpy(), tol, maxiter)
+        assert np.abs(X.numpy() - ref).max() <= 1e-12 * np.abs(ref).max()
+    assert torch.equal(X[:, 1], torch.zeros(n, dtype=torch.float64))
+    assert torch.allclose(X, torch.linalg.solve(A, B), atol=1e-7)  # 60 steps: converged
+
+
+# ---------------------------------------------------------------------------------------------
+# patch LP
+
+
+def test_propagate_patches_matches_dense_reference():
+    n, q = 90, 4
+    x = clustered(n, 12, 4, seed=1)
+    g = torch.Generator().manual_seed(2)
+    c = torch.randint(0, 200, (n, 2), generator=g).double()
+    y = torch.rand(n, q, generator=g, dtype=torch.float64) * 0.6 - 0.2
+    for kw in [dict(k=15), dict(k=15, sigma=0.05, pix_dist_pow=2.0, gamma=1.0, alpha=0.8), dict(k=30, maxiter=4)]:
+        out = propagate_patches(y, x, c, **kw)
+        ref = patch_reference(
+            y.numpy(), x.numpy(), c.numpy(), k=kw["k"], gamma=kw.get("gamma", 3.0), sigma=kw.get("sigma", 0.01),
+            p=kw.get("pix_dist_pow", 1.0), alpha=kw.get("alpha", 0.95), maxiter=kw.get("maxiter", 10),
+        )
+        assert out.dtype == torch.float64 and out.shape == (n, q)
+        assert rel_err(out, ref) < 1e-10
+    # float32 inputs: float32 graph and CG, still within 1e-5 of the float64 reference
+    out32 = propagate_patches(y.float(), x.float(), c.float(), k=15)
+    assert out32.dtype == torch.float32
+    assert rel_err(out32, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=15)) < 1e-5
+
+
+def test_propagate_patches_k_larger_than_n_and_isolated_patches():
+    # 12 points around +e0, 3 points around -e0 that only have negative similarity to the others:
+    # with k = N everyone is in everyone's list, but negative similarities weigh 0, so each of the
+    # 3 is linked only to its own group; the last point is alone on +e1 -> zero degree.
+    g = torch.Generator().manual_seed(3)
+    a = torch.tensor([1.0, 0, 0]) + 0.1 * torch.randn(12, 3, generator=g)
+    b = torch.tensor([-1.0, 0, 0]) + 0.1 * torch.randn(3, 3, generator=g)
+    b[:, 1] = -b[:, 1].abs() - 0.2  # negative along e1 too, so the lone point sees it negatively
+    lone = torch.tensor([[0.0, 1.0, 0.0]])
+    a[:, 1] = -a[:, 1].abs() - 0.05
+    x = torch.nn.functional.normalize(torch.cat([a, b, lone]).double(), dim=1)
+    n = x.shape[0]
+    c = torch.arange(2 * n, dtype=torch.float64).view(n, 2)
+    y = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    out = propagate_patches(y, x, c, k=1000)
+    ref = patch_reference(y.numpy(), x.numpy(), c.numpy(), k=n)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-10
+    # the isolated node is decoupled: its row of (I - αWn) is the identity row, so CG keeps it
+    # proportional to its own label, and the reference agrees
+    assert np.allclose(out[-1].numpy(), ref[-1])
+    one = propagate_patches(y[:1], x[:1], c[:1], k=5)  # a single patch: no edges at all
+    assert torch.allclose(one, y[:1])
+
+
+def test_patch_centres_for_windows_that_do_not_align():
+    boxes = sliding_windows(200, 250, 112, 56)  # y1 in {0, 56, 88}: centres of overlapping windows differ
+    assert infer_patch_size(boxes, (7, 7)) == 16
+    centres = patch_centers(boxes, (7, 7), 16).view(len(boxes), 7, 7, 2)
+    for wi, (y1, _, x1, _) in enumerate(boxes.tolist()):
+        for i in range(7):
+            for j in range(7):
+                assert centres[wi, i, j].tolist() == [y1 + 8 + 16 * i, x1 + 8 + 16 * j]
+    assert sorted({int(y) for y in boxes[:, 0]}) == [0, 56, 88]
+
+    n = centres.shape[0] * 49
+    x = clustered(n, 16, 6, seed=4)
+    y = torch.rand(n, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    c = centres.reshape(-1, 2).double()
+    out = propagate_patches(y, x, c, k=40, sigma=0.05)
+    assert rel_err(out, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=40, sigma=0.05)) < 1e-10
+
+
+def test_lposs_refiner_is_patch_lp_then_merge():
+    boxes = sliding_windows(80, 100, 48, 32)
+    g = torch.Generator().manual_seed(6)
+    w = len(boxes)
+    scores = torch.randn(w, 3, 3, 3, generator=g)  # /16 score grid...
+    feats = torch.randn(w, 8, 4, 4, generator=g)  # ...on a /12 feature grid: scores resized first
+    image = torch.rand(3, 80, 100, generator=g)
+    ref_scores = torch.nn.functional.interpolate(scores, size=(4, 4), mode="bilinear", align_corners=False)
+    y = ref_scores.flatten(2).transpose(1, 2).reshape(-1, 3)
+    x = torch.nn.functional.normalize(feats.flatten(2).transpose(1, 2).reshape(-1, 8), dim=1)
+    c = patch_centers(boxes, (4, 4), 12).float()
+    f = propagate_patches(y, x, c, k=20).view(w, 4, 4, 3).permute(0, 3, 1, 2)
+    expected = merge_windows(f, boxes, 80, 100)
+    refiner = build_refiner("lposs", k=20)
+    assert refiner.needs_features
+    out = refiner(image, boxes, scores, feats)
+    assert out.shape == (3, 80, 100) and out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert refiner(image, boxes, scores.bfloat16(), feats.bfloat16()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel LP
+
+
+def textured_image(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    regions = ((yy * 0.7 + xx) > 0.8 * w).long() + 2 * ((xx - 0.4 * w) ** 2 + (yy - 0.5 * h) ** 2 < (0.3 * h) ** 2).long()
+    colours = torch.rand(4, 3, generator=g)
+    return (colours[regions].permute(2, 0, 1) + 0.03 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize(
+    "h, w, radius, tau",
+    [(21, 30, 6, 0.01), (17, 23, 3, 0.1), (9, 5, 6, 0.05), (4, 3, 6, 0.05), (13, 40, 1, 0.2), (6, 7, 0, 0.1)],
+)
+def test_propagate_pixels_matches_edge_list_reference(h, w, radius, tau):
+    image = textured_image(h, w, seed=h * w).double()
+    y = torch.rand(3, h, w, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 0.6 - 0.2
+    out = propagate_pixels(image, y, radius=radius, tau=tau)
+    ref = pixel_reference(image, y, radius=radius, tau=tau)
+    assert out.shape == y.shape and out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-10
+    out32 = propagate_pixels(image.float(), y.float(), radius=radius, tau=tau)
+    assert out32.dtype == torch.float32 and rel_err(out32, ref) < 1e-4
+
+
+def test_propagate_pixels_zero_degree_pixel_and_class_chunks(monkeypatch):
+    import ovseg_lposs.pixel_lp as pixel_lp
+
+    image = torch.full((3, 12, 14), 0.5, dtype=torch.float64)
+    image[:, 5, 6] = torch.tensor([1.0, 0.0, 0.0])  # far from every neighbour: exp(-d/τ) underflows to 0
+    y = torch.rand(5, 12, 14, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ref = pixel_reference(image, y, tau=0.001)
+    monkeypatch.setattr(pixel_lp, "CG_BUDGET_BYTES", 1)  # one class per chunk
+    out = propagate_pixels(image, y, tau=0.001)
+    assert rel_err(out, ref) < 1e-10
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# refiners on generated images with known regions
+
+
+class ColourFeatures:
+    """Patch features = mean colour around grey plus the colour's own direction (a stand-in for DINO)."""
+
+    def __init__(self, patch):
+        self.patch = patch
+
+    def __call__(self, crops):
+        mean = torch.nn.functional.avg_pool2d(crops, self.patch, ceil_mode=True)
+        return torch.nn.functional.normalize(mean - 0.45, dim=1)
+
+
+def noisy_patch_scores(labels, boxes, classes, patch, noise, seed):
+    """Per window and patch: one-hot of the majority true class of the patch + Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for y1, y2, x1, x2 in boxes.tolist():
+        crop = torch.nn.functional.one_hot(labels[y1:y2, x1:x2], classes).permute(2, 0, 1).float()
+        frac = torch.nn.functional.avg_pool2d(crop[None], patch)[0]
+        onehot = torch.nn.functional.one_hot(frac.argmax(0), classes).permute(2, 0, 1).float()
+        out.append(onehot + noise * torch.randn(onehot.shape, generator=g))
+    return torch.stack(out)
+
+
+def test_lposs_gains_miou_and_lposs_plus_gains_boundary_iou():
+    h, w, patch, classes = 128, 192, 16, 4
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    labels = (xx + 0.45 * yy > 100).long() + 2 * ((xx - 60) ** 2 + (yy - 70) ** 2 < 38**2).long()
+    colours = torch.tensor([[0.85, 0.2, 0.2], [0.2, 0.75, 0.25], [0.2, 0.3, 0.9], [0.9, 0.85, 0.2]])
+    g = torch.Generator().manual_seed(9)
+    image = (colours[labels].permute(2, 0, 1) + 0.04 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+    boxes = sliding_windows(h, w, 64, 32)
+    crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes.tolist()])
+    scores = noisy_patch_scores(labels, boxes, classes, patch, noise=0.9, seed=10)
+    feats = ColourFeatures(patch)(crops)
+
+    def evaluate(refiner):
+        pred = refiner(image, boxes, scores, feats).argmax(0)
+        miou, biou = IoU(classes), BoundaryIoU(classes)
+        miou.update(pred, labels)
+        biou.update(pred, labels)
+        return float(miou.compute()["mean"]), float(biou.compute()["mean"])
+
+    none = evaluate(build_refiner("none"))
+    lposs = evaluate(build_refiner("lposs", k=60))
+    plus = evaluate(build_refiner("lposs_plus", k=60))
+    print(f"mIoU/BIoU none {none}, lposs {lposs}, lposs+ {plus}")
+    assert lposs[0] > none[0] + 0.10  # propagation over colour-similar patches removes the noise
+    assert plus[1] > lposs[1] + 0.05  # pixel propagation snaps the 16-px blocks to the colour edges
+    assert plus[0] >= lposs[0]
+
+
+def test_refiner_options_and_errors():
+    from ovseg.errors import ConfigError
+
+    r = build_refiner("lposs_plus", k=10, radius=2, tau=0.05, pixel_maxiter=3)
+    assert (r.k, r.radius, r.tau, r.pixel_maxiter, r.pixel_alpha) == (10, 2, 0.05, 3, None)
+    r.configure(k=20, tau=0.02)
+    assert (r.k, r.tau) == (20, 0.02)
+    with pytest.raises(ConfigError, match="unknown"):
+        r.configure(kk=3)
+    with pytest.raises(ConfigError, match="needs patch features"):
+        r(torch.rand(3, 32, 32), sliding_windows(32, 32, 32, 16), torch.randn(1, 2, 2, 2), None)
+    with pytest.raises(ConfigError):
+        LPOSSRefiner(alpha=1.0)
+    with pytest.raises(ConfigError, match="patch size"):
+        infer_patch_size(torch.tensor([[0, 20, 0, 64]]), (2, 2))
+    assert math.isclose(build_refiner("lposs").sigma, 0.01)
