@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from .api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
 from .errors import ConfigError
@@ -139,8 +140,11 @@ def run_predict(args, log=print, err=None) -> int:
     precision = check_precision(args.precision)
     device = resolve_device(args.accelerator)
     args.inputs, args.overrides = split_inputs(args.inputs, args.overrides)
-    cfg, protocol_overrides = resolve_method(args)
-    protocol = dataset_protocol(cfg, final=protocol_overrides)
+    try:
+        cfg, protocol_overrides = resolve_method(args)
+        protocol = dataset_protocol(cfg, final=protocol_overrides)
+    except yaml.YAMLError as exc:  # a malformed override value; omegaconf lets PyYAML's error through
+        raise ConfigError(f"cannot parse the overrides {args.overrides}: {' '.join(str(exc).split())}") from exc
     images, failures = expand_inputs(args.inputs)
     for failure in failures:
         err(f"ovseg predict: skipped {failure}")

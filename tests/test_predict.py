@@ -207,7 +207,8 @@ def test_bad_class_lists_fail_before_any_work(tmp_path, colour_method, capsys, c
 @pytest.mark.parametrize(
     "flags, fragment",
     [(["--precision", "fp8"], "--precision"), (["--accelerator", "tpu"], "--accelerator"),
-     (["--method", "no_such_method"], "no_such_method"), (["refiner.nope=1"], "does not accept")],
+     (["--method", "no_such_method"], "no_such_method"), (["refiner.nope=1"], "does not accept"),
+     (["predictor.colors={red:[1,2,3]}"], "cannot parse the overrides")],
 )
 def test_bad_options_are_config_errors(tmp_path, colour_method, capsys, flags, fragment):
     image, _ = _bands(20, 20)
