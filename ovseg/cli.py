@@ -207,7 +207,14 @@ COMMANDS = {"bench": cmd_bench, "list": cmd_list, "download": cmd_download, "com
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may follow the options; argparse cannot split two positional lists
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "data":
             return cmd_data_check(args)
@@ -218,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return 2
     except KeyboardInterrupt:
-        print("ovseg: interrupted; finished datasets are kept and a rerun with the same --output resumes", file=sys.stderr)
+        hint = "; finished datasets are kept and a rerun with the same --output resumes" if args.command == "bench" else ""
+        print(f"ovseg: interrupted{hint}", file=sys.stderr)
         return 130
 
 

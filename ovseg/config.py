@@ -20,8 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+#: what a malformed YAML file or key=value override can raise
+CONFIG_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError)
 
 from .errors import ConfigError
 from .paths import config_dir
@@ -54,7 +58,7 @@ def load_method(spec: str | Path | None = None) -> DictConfig:
     path = method_path(spec)
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as exc:
+    except (*CONFIG_ERRORS, OSError) as exc:
         raise ConfigError(f"cannot read method config {path}: {exc}") from exc
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"method config {path} must be a mapping")
@@ -112,7 +116,7 @@ def apply_overrides(cfg: DictConfig, dotlist: Iterable[str]) -> DictConfig:
             raise ConfigError(f"override {item!r}: {key.split('.', 1)[0]!r} is not a method config key {sorted(METHOD_KEYS)}")
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as exc:
+    except CONFIG_ERRORS as exc:
         raise ConfigError(f"cannot apply overrides {dotlist}: {exc}") from exc
 
 
@@ -135,7 +139,10 @@ def dataset_protocol(
         merged.update(layer)
     final = list(final)
     if final:
-        merged.update(OmegaConf.to_container(OmegaConf.from_dotlist(final), resolve=True)["protocol"])
+        try:
+            merged.update(OmegaConf.to_container(OmegaConf.from_dotlist(final), resolve=True)["protocol"])
+        except CONFIG_ERRORS as exc:
+            raise ConfigError(f"cannot apply protocol overrides {final}: {exc}") from exc
     where = f"method {cfg.name}" + (f", dataset {dataset}" if dataset else "")
     return Protocol.from_dict(merged, where=where)
 

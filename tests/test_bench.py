@@ -158,3 +158,13 @@ def test_default_method_without_weights_stops_with_one_message(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "ovseg: error:" in result.stderr and "ovseg download" in result.stderr
+
+
+def test_overrides_after_options_and_malformed_overrides(tmp_path, capsys):
+    base = ["bench", "--suite", "demo", "--limit", "1", "--output", str(tmp_path / "run"), *FAST]
+    assert main(base + ["refiner.maxiter=3"]) == 0
+    assert "maxiter: 3" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main(base + ["predictor.colors={red:[1,2"]) == 2
+    assert "cannot apply overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--no-such-flag"])
