@@ -14,10 +14,11 @@ spatially varying stencil, which we run as ONE dense batched GEMM per CG step (f
 - each tile has a (b, 13·(b + 2r)) weight matrix with the 168 normalised weights of each output pixel
   at their positions and zeros elsewhere, so `Wn p = bmm(bands, runs)`.
 
-Only the 84 weight maps of one half of the offsets are computed (the graph is symmetric). The bands
-take 13·(b + 2r)·b floats per tile (287 MB at 448×597, r = 6, b = 8); classes are solved in chunks
-so the CG vectors stay within `CG_BUDGET_BYTES`. Everything runs in float32 (float64 for float64
-scores); the reference's float32 graph with float64 CG differs from this by about 1e-6 relative.
+Weights are computed one row offset dy at a time (all 2r+1 dx at once); rows dy < 0 are mirrored
+from rows dy > 0, since the graph is symmetric. The bands take 13·(b + 2r)·b floats per tile (287 MB
+at 448×597, r = 6, b = 8); classes are solved in chunks so the CG vectors stay within
+`CG_BUDGET_BYTES`. Everything runs in float32 (float64 for float64 scores); the reference's float32
+graph with float64 CG differs from this by about 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -45,42 +46,38 @@ def lab_image(image: torch.Tensor) -> torch.Tensor:
     return rgb_to_lab(image[None])[0] / scale
 
 
-def half_offsets(radius: int) -> list[tuple[int, int]]:
-    """One offset (dy, dx) of each ± pair of the (2r+1)² - 1 neighbourhood offsets."""
-    return [(dy, dx) for dy in range(0, radius + 1) for dx in range(-radius, radius + 1) if dy > 0 or dx > 0]
+def weight_row(lab: torch.Tensor, radius: int, dy: int, tau: float) -> torch.Tensor:
+    """Unnormalised weights to the neighbours in row offset `dy`: (H, 2r+1, W), [y, j, x] for dx = j - r.
 
-
-def pixel_weights(image: torch.Tensor, radius: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised edge weights for `half_offsets(radius)`: (84, H, W) maps and (H, W) 1/sqrt(degree).
-
-    `maps[o][y, x]` is `Wn` between pixel (y, x) and pixel (y + dy, x + dx) (zero when that pixel is
-    outside the image); the weight of the opposite offset at pixel q is the same number read at
-    q - (dy, dx).
+    `lab` is the Lab image padded by `radius` on every side with a far-away colour, so neighbours
+    outside the image get weight exactly 0. The centre (dy = dx = 0) is set to 0 (no self-loops).
     """
     r = radius
-    h, w = image.shape[-2:]
-    lab = F.pad(lab_image(image), (r, r, r, r), value=_FAR)
-    centre = lab[:, r : r + h, r : r + w]
-    offsets = half_offsets(r)
-    maps = torch.empty((len(offsets), h, w), dtype=image.dtype, device=image.device)
-    pad = maps.new_zeros((h + 2 * r, w + 2 * r))  # one map with a zero border, for mirrored reads
-    degree = maps.new_zeros((h, w))
-    floor = _negligible(image.dtype)
-    log_floor = math.log(floor) - 1.0
-    for m, (dy, dx) in zip(maps, offsets):
-        diff = centre - lab[:, r + dy : r + dy + h, r + dx : r + dx + w]
-        torch.sum(diff.mul_(diff), dim=0, out=m)
-        # clamping first keeps exp out of the (slow) subnormal range
-        m.sqrt_().mul_(-1.0 / tau).clamp_(min=log_floor).exp_()
-        m.masked_fill_(m < floor, 0.0)
-        pad[r : r + h, r : r + w] = m
-        degree += m
-        degree += pad[r - dy : r - dy + h, r - dx : r - dx + w]
-    dinv = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()
-    dinv_pad = F.pad(dinv, (r, r, r, r))
-    for m, (dy, dx) in zip(maps, offsets):
-        m.mul_(dinv).mul_(dinv_pad[r + dy : r + dy + h, r + dx : r + dx + w])  # >= floor/168: normal
-    return maps, dinv
+    h, w = lab.shape[-2] - 2 * r, lab.shape[-1] - 2 * r
+    centre = lab[:, r : r + h, None, r : r + w]
+    neighbours = lab[:, r + dy : r + dy + h].unfold(2, w, 1)  # (3, H, 2r+1, W), a view
+    diff = centre - neighbours
+    row = diff.mul_(diff).sum(dim=0)
+    floor = _negligible(lab.dtype)
+    # clamping first keeps exp out of the (slow) subnormal range; what is left below `floor` is dropped
+    row.sqrt_().mul_(-1.0 / tau).clamp_(min=math.log(floor) - 1.0).exp_()
+    row.masked_fill_(row < floor, 0.0)
+    if dy == 0:
+        row[:, r] = 0
+    return row
+
+
+def mirrored_row(row: torch.Tensor, radius: int, dy: int) -> torch.Tensor:
+    """Weights of row offset -dy from those of +dy (the graph is symmetric): w_{-o}(q) = w_o(q - o).
+
+    Returns a (H, 2r+1, W) strided view of a flipped, zero-padded copy of `row`.
+    """
+    r = radius
+    h, n, w = row.shape
+    flipped = F.pad(row.flip(1), (r, r, 0, 0, r, r))  # (H + 2r, 2r+1, W + 2r), [y', j', x'] = w_(dy, r-j')
+    # value at (y, j', x) for dx' = j' - r: w_(dy, -dx')(y - dy, x + dx') = flipped[r + y - dy, j', x + j']
+    stride_y, stride_j = flipped.stride(0), flipped.stride(1)
+    return flipped.as_strided((h, n, w), (stride_y, stride_j + 1, 1), (r - dy) * stride_y)
 
 
 def _negligible(dtype: torch.dtype) -> float:
@@ -116,31 +113,42 @@ class PixelGraph:
         self.depth = (2 * r + 1) * self.span  # GEMM inner dimension
         self.tiles = self.strips * self.rows
         self.dtype, self.device = image.dtype, image.device
-        self.bands = self._bands(*pixel_weights(image, r, tau))
+        self.bands = self._bands(image, float(tau))
 
     @property
     def size(self) -> int:
         """Unknowns per class in the strip layout (tiles · b)."""
         return self.tiles * self.tile
 
-    def _bands(self, maps: torch.Tensor, dinv: torch.Tensor) -> torch.Tensor:
+    def _bands(self, image: torch.Tensor, tau: float) -> torch.Tensor:
+        """The (tiles, b, depth) band matrices of `D^-1/2 W D^-1/2`, built one row offset at a time."""
         h, w, r, b, s, k = self.height, self.width, self.radius, self.tile, self.strips, self.depth
+        n = 2 * r + 1
+        lab = F.pad(lab_image(image), (r, r, r, r), value=_FAR)
         bands = torch.zeros((self.tiles, b, k), dtype=self.dtype, device=self.device)
-        pad = maps.new_zeros((h + 2 * r, s * b + 2 * r))  # a map with a zero border, for mirrored reads
-        stage = maps.new_zeros((h, s * b))  # a map widened to whole strips
-        src = stage.view(h, s, b).transpose(0, 1)
+        degree = torch.zeros((h, w), dtype=self.dtype, device=self.device)
 
-        def put(dy: int, dx: int) -> None:
-            # entry (strip, r + y, i, column (dy + r)·span + i + r + dx) <- stage[y, strip·b + i]
-            offset = r * b * k + (dy + r) * self.span + r + dx
-            bands.as_strided((s, h, b), (self.rows * b * k, b * k, k + 1), offset).copy_(src)
+        def put(row: torch.Tensor, dy: int) -> None:
+            # entry (strip, r + y, i, (dy + r)·span + i + j) <- row[y, j, strip·b + i]
+            src = F.pad(row, (0, s * b - w)).view(h, n, s, b).permute(2, 0, 3, 1)
+            offset = r * b * k + (dy + r) * self.span
+            bands.as_strided((s, h, b, n), (self.rows * b * k, b * k, k + 1, 1), offset).copy_(src)
+            degree.add_(row.sum(dim=1))
 
-        for m, (dy, dx) in zip(maps, half_offsets(r)):
-            stage[:, :w] = m
-            put(dy, dx)
-            pad[r : r + h, r : r + w] = m
-            stage[:, :w] = pad[r - dy : r - dy + h, r - dx : r - dx + w]
-            put(-dy, -dx)
+        for dy in range(r + 1):
+            row = weight_row(lab, r, dy, tau)
+            put(row, dy)
+            if dy:
+                put(mirrored_row(row, r, dy), -dy)
+        del lab
+        # normalise in place: rows by 1/sqrt(degree) of the output pixel, columns by that of the source
+        dinv = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()
+        dinv_buf = self.buffer(1)
+        self.interior(dinv_buf).copy_(self.to_strips(dinv[None]))
+        self.fill_halos(dinv_buf)
+        source = dinv_buf.as_strided((self.tiles, 1, n, self.span), (self.span, 0, self.span, 1))
+        grouped = bands.view(self.tiles, b, n, self.span)
+        grouped.mul_(self.to_strips(dinv[None]).view(self.tiles, b, 1, 1)).mul_(source)
         return bands
 
     def buffer(self, classes: int) -> torch.Tensor:
