@@ -168,3 +168,20 @@ def test_overrides_after_options_and_malformed_overrides(tmp_path, capsys):
     assert "cannot apply overrides" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--no-such-flag"])
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_comparison_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "run"
+    assert main(["bench", "--suite", "demo", "--limit", "2", "--output", str(run), "--wandb", "ovseg-test", *FAST]) == 0
+    tables = list((run / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    record = json.loads((run / "datasets" / "demo.json").read_text())
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert row["method"] == "tiny" and row["random_weights"] is True
+    assert row["mean mIoU"] == pytest.approx(round(100 * record["miou"], 2))
