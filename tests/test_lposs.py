@@ -312,3 +312,17 @@ def test_refiner_options_and_errors():
     with pytest.raises(ConfigError, match="patch size"):
         infer_patch_size(torch.tensor([[0, 20, 0, 64]]), (2, 2))
     assert math.isclose(build_refiner("lposs").sigma, 0.01)
+
+
+def test_solvers_ignore_and_restore_a_reduced_matmul_precision():
+    x = clustered(40, 8, 3, seed=11).float()
+    y = torch.rand(40, 2, generator=torch.Generator().manual_seed(12))
+    c = torch.rand(40, 2, generator=torch.Generator().manual_seed(13)) * 100
+    expected = propagate_patches(y, x, c, k=10)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert torch.equal(propagate_patches(y, x, c, k=10), expected)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -9,7 +9,8 @@ columns at once, which is what makes the solve fast.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -85,3 +86,22 @@ def column_sum(t: torch.Tensor, block: int = 256) -> torch.Tensor:
     full = n - n % block
     total = t[:full].view(-1, block, t.shape[1]).sum(dim=1).sum(dim=0)
     return total + t[full:].sum(dim=0) if full < n else total
+
+
+@contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """Run float32 matrix products in full float32 (no TF32 / bf16 shortcuts) inside the block.
+
+    A process that allowed TF32 (`torch.set_float32_matmul_precision("high")`, common on GPUs) would
+    otherwise get ~1e-3 relative errors from the graph products; the solvers promise ~1e-6. The
+    setting is global, so it is restored on exit.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cg import block_cg
+from .cg import block_cg, full_precision_matmul
 
 #: the normalised graph is kept dense up to this many entries (N ≤ 8192 in float32: 256 MB)
 DENSE_GRAPH_MAX_ENTRIES = 8192 * 8192
@@ -109,12 +109,13 @@ def propagate_patches(
     y = scores.to(dtype)
     if y.shape[0] == 0:
         return y.clone()
-    graph = patch_graph(
-        features.to(device=device, dtype=dtype),
-        centers.to(device=device, dtype=dtype),
-        k=k,
-        gamma=gamma,
-        sigma=sigma,
-        pix_dist_pow=pix_dist_pow,
-    )
-    return block_cg(lambda p: torch.addmm(p, graph, p, alpha=-alpha), y, tol=tol, maxiter=maxiter)
+    with full_precision_matmul():
+        graph = patch_graph(
+            features.to(device=device, dtype=dtype),
+            centers.to(device=device, dtype=dtype),
+            k=k,
+            gamma=gamma,
+            sigma=sigma,
+            pix_dist_pow=pix_dist_pow,
+        )
+        return block_cg(lambda p: torch.addmm(p, graph, p, alpha=-alpha), y, tol=tol, maxiter=maxiter)

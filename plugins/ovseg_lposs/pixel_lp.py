@@ -28,14 +28,26 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cg import block_cg
+from .cg import block_cg, full_precision_matmul
 
 #: output pixels per tile (strip width b); at least the radius, so a halo spans one strip
 TILE = 8
-#: bytes allowed for the CG vectors of one chunk of classes
+#: bytes allowed for the CG vectors of one chunk of classes (host memory; see `cg_budget`)
 CG_BUDGET_BYTES = 256 << 20
 #: Lab value of the zero-padding outside the image: its distance to any pixel makes exp(-d/τ) zero
 _FAR = 1e4
+
+
+def cg_budget(device: torch.device) -> int:
+    """Bytes for one chunk of classes' CG vectors.
+
+    On the CPU, `CG_BUDGET_BYTES` keeps the 448×597×150 case under 1 GB in all. An accelerator solves
+    more classes per chunk (fewer, larger GEMMs) as long as a quarter of its free memory holds them.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(CG_BUDGET_BYTES, free // 4)
+    return CG_BUDGET_BYTES
 
 
 def lab_image(image: torch.Tensor) -> torch.Tensor:
@@ -119,6 +131,11 @@ class PixelGraph:
     def size(self) -> int:
         """Unknowns per class in the strip layout (tiles · b)."""
         return self.tiles * self.tile
+
+    def bytes_per_class(self) -> int:
+        """CG memory per class: the tall buffer (span/b vectors) plus x, r, the workspace and A·p."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return int((self.span / self.tile + 4) * self.size * itemsize)
 
     def _bands(self, image: torch.Tensor, tau: float) -> torch.Tensor:
         """The (tiles, b, depth) band matrices of `D^-1/2 W D^-1/2`, built one row offset at a time."""
@@ -218,21 +235,20 @@ def propagate_pixels(
     out = torch.empty((q, h, w), dtype=dtype, device=device)
     if q == 0:
         return out
-    graph = PixelGraph(image.to(device=device, dtype=dtype), radius=radius, tau=tau)
-    # per class: the tall buffer (span/b times a vector) plus x, r, the CG workspace and A·p
-    per_class = (graph.span / graph.tile + 4) * graph.size * torch.finfo(dtype).bits // 8
-    chunk = max(1, min(q, int(CG_BUDGET_BYTES // per_class)))
-    for q0 in range(0, q, chunk):
-        q1 = min(q, q0 + chunk)
-        buf = graph.buffer(q1 - q0)
-        prod = buf.new_empty((graph.tiles, graph.tile, q1 - q0))
-        x = block_cg(
-            lambda _p: graph.apply(buf, alpha, prod),
-            graph.to_strips(scores[q0:q1].to(dtype)),
-            tol=tol,
-            maxiter=maxiter,
-            p=graph.interior(buf),
-            consume_b=True,
-        )
-        out[q0:q1] = graph.from_strips(x)
+    with full_precision_matmul():
+        graph = PixelGraph(image.to(device=device, dtype=dtype), radius=radius, tau=tau)
+        chunk = max(1, min(q, int(cg_budget(device) // graph.bytes_per_class())))
+        for q0 in range(0, q, chunk):
+            q1 = min(q, q0 + chunk)
+            buf = graph.buffer(q1 - q0)
+            prod = buf.new_empty((graph.tiles, graph.tile, q1 - q0))
+            x = block_cg(
+                lambda _p: graph.apply(buf, alpha, prod),
+                graph.to_strips(scores[q0:q1].to(dtype)),
+                tol=tol,
+                maxiter=maxiter,
+                p=graph.interior(buf),
+                consume_b=True,
+            )
+            out[q0:q1] = graph.from_strips(x)
     return out
