@@ -42,6 +42,7 @@ class BenchOptions:
     protocol_overrides: list[str] = field(default_factory=list)
     wandb_project: str | None = None
     progress: bool = True
+    save_examples: int = 0
 
 
 def is_rank_zero() -> bool:
@@ -184,7 +185,13 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
         segmenter.protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
         stage_options.apply(spec.name)
         vocabulary = Vocabulary(dataset_classes(cfg, spec.name, spec.classes))
-        module = BenchModule(segmenter, vocabulary, spec.ignore_index)
+        writer = None
+        if opts.save_examples > 0:
+            from .examples import ExampleWriter
+
+            writer = ExampleWriter(run_dir / "examples" / spec.name, vocabulary.display_names, spec.ignore_index,
+                                   opts.save_examples)
+        module = BenchModule(segmenter, vocabulary, spec.ignore_index, on_sample=writer)
         trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, logger, opts.progress)
         start = time.perf_counter()
         results = evaluate(trainer, module, dataset, opts.num_workers)

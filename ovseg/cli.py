@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strict", action="store_true", help="fail on a missing dataset instead of skipping it")
     b.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (offline without credentials)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    b.add_argument("--save-examples", type=int, default=0, metavar="N",
+                   help="write prediction | ground-truth overlays of the first N images per dataset")
 
     p = sub.add_parser("predict", help="segment your own images with free-text class names", epilog=EPILOG)
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
@@ -127,6 +129,7 @@ def cmd_bench(args) -> int:
         protocol_overrides=protocol_overrides,
         wandb_project=args.wandb,
         progress=not args.no_progress,
+        save_examples=args.save_examples,
     )
     summary = run_bench(args.suite, cfg, opts)
     if summary is not None:

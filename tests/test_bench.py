@@ -54,7 +54,7 @@ def _results(run: Path) -> dict:
 
 def test_demo_suite_runs_end_to_end_with_tiny_models(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["bench", "--suite", "demo", "--limit", "3", "--output", str(run), *FAST]) == 0
+    assert main(["bench", "--suite", "demo", "--limit", "3", "--output", str(run), "--save-examples", "2", *FAST]) == 0
     results = _results(run)
     assert results and all(r["status"] == "done" for r in results.values())
     for r in results.values():
@@ -63,6 +63,9 @@ def test_demo_suite_runs_end_to_end_with_tiny_models(tmp_path, capsys):
     summary = (run / "summary.md").read_text()
     assert "random weights" in summary.lower()
     assert (run / "summary.csv").exists() and (run / "config.yaml").exists()
+    examples = sorted((run / "examples").glob("*/*.png"))
+    assert len(examples) == 2  # prediction | ground truth, side by side, wider than two images
+    assert Image.open(examples[0]).width > 2 * 160
 
 
 def test_interrupted_bench_resumes_without_recomputing(tmp_path, capsys):
