@@ -98,8 +98,8 @@ def _offline_reason() -> str | None:
     """Why the Hub cannot be reached right now, or None if it may be (a quick TCP probe, no retries)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
+    if constants.HF_HUB_OFFLINE or os.environ.get("OVSEG_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE/OVSEG_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # a proxy may reach the Hub where a direct connection cannot: let the download try
     url = urlparse(constants.ENDPOINT)
