@@ -137,6 +137,18 @@ def test_propagate_patches_matches_dense_reference():
     assert rel_err(out32, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=15)) < 1e-5
 
 
+def test_sparse_graph_path_equals_dense(monkeypatch):
+    import ovseg_lposs.patch_lp as patch_lp
+
+    x = clustered(70, 10, 3, seed=14)
+    y = torch.rand(70, 3, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    c = torch.rand(70, 2, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 200
+    dense = propagate_patches(y, x, c, k=12)
+    monkeypatch.setattr(patch_lp, "DENSE_GRAPH_MAX_ENTRIES", 0)  # large N: CSR graph
+    assert patch_lp.patch_graph(x, c, k=12).layout == torch.sparse_csr
+    assert torch.allclose(propagate_patches(y, x, c, k=12), dense, rtol=0, atol=1e-12)
+
+
 def test_propagate_patches_k_larger_than_n_and_isolated_patches():
     # 12 points around +e0, 3 points around -e0 that only have negative similarity to the others:
     # with k = N everyone is in everyone's list, but negative similarities weigh 0, so each of the
