@@ -117,7 +117,7 @@ def apply_overrides(cfg: DictConfig, dotlist: Iterable[str]) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     except CONFIG_ERRORS as exc:
-        raise ConfigError(f"cannot apply overrides {dotlist}: {exc}") from exc
+        raise ConfigError(f"cannot apply overrides {dotlist}: {' '.join(str(exc).split())}") from exc
 
 
 def stage_kwargs(section: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]] | None:

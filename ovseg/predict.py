@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
 from .errors import ConfigError
@@ -140,11 +139,8 @@ def run_predict(args, log=print, err=None) -> int:
     precision = check_precision(args.precision)
     device = resolve_device(args.accelerator)
     args.inputs, args.overrides = split_inputs(args.inputs, args.overrides)
-    try:
-        cfg, protocol_overrides = resolve_method(args)
-        protocol = dataset_protocol(cfg, final=protocol_overrides)
-    except yaml.YAMLError as exc:  # a malformed override value; omegaconf lets PyYAML's error through
-        raise ConfigError(f"cannot parse the overrides {args.overrides}: {' '.join(str(exc).split())}") from exc
+    cfg, protocol_overrides = resolve_method(args)  # malformed overrides raise ConfigError there
+    protocol = dataset_protocol(cfg, final=protocol_overrides)
     images, failures = expand_inputs(args.inputs)
     for failure in failures:
         err(f"ovseg predict: skipped {failure}")

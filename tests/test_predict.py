@@ -208,7 +208,7 @@ def test_bad_class_lists_fail_before_any_work(tmp_path, colour_method, capsys, c
     "flags, fragment",
     [(["--precision", "fp8"], "--precision"), (["--accelerator", "tpu"], "--accelerator"),
      (["--method", "no_such_method"], "no_such_method"), (["refiner.nope=1"], "does not accept"),
-     (["predictor.colors={red:[1,2,3]}"], "cannot parse the overrides")],
+     (["predictor.colors={red:[1,2,3]}"], "cannot apply overrides")],
 )
 def test_bad_options_are_config_errors(tmp_path, colour_method, capsys, flags, fragment):
     image, _ = _bands(20, 20)
