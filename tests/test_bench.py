@@ -188,3 +188,12 @@ def test_wandb_offline_run_holds_the_comparison_table(tmp_path, monkeypatch):
     row = dict(zip(table["columns"], table["data"][0]))
     assert row["method"] == "tiny" and row["random_weights"] is True
     assert row["mean mIoU"] == pytest.approx(round(100 * record["miou"], 2))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bench_runs_in_bfloat16(tmp_path, precision):
+    run = tmp_path / precision
+    assert main(["bench", "--suite", "demo", "--limit", "1", "--output", str(run), "--precision", precision, *FAST]) == 0
+    record = _results(run)["demo"]
+    assert record["status"] == "done" and 0.0 <= record["miou"] <= 1.0
+    assert f"precision: {precision}" in (run / "config.yaml").read_text()
