@@ -285,7 +285,8 @@ def main() -> None:
 
     print(f"LP benchmark: {HEIGHT}x{WIDTH} image, crop {CROP} stride {STRIDE}, D={DIM}, k={K}, r={2 * RADIUS + 1}, "
           f"{args.classes} classes; ours on {args.device}, scipy on CPU")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, ours with {threads} torch thread(s), {os.cpu_count()} CPUs, "
           f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     stages = ["patch", "pixel"] if args.stage == "both" else [args.stage]
     with tempfile.TemporaryDirectory() as tmp:
