@@ -197,12 +197,10 @@ def load_segmenter(
     `cpu`, `gpu`, `mps` or a torch device; `precision` as `--precision` (`*-mixed` precisions apply
     in `ovseg predict`; here wrap calls in `ovseg.api.autocast` yourself).
     """
-    from .config import apply_overrides, dataset_protocol, load_method, select_stages, split_overrides
+    from .config import dataset_protocol, resolve_method
 
-    cfg = load_method(method)
-    cfg = select_stages(cfg, predictor=predictor, extractor=extractor, refiner=refiner)
-    method_overrides, protocol_overrides = split_overrides(list(overrides))
-    cfg = apply_overrides(cfg, method_overrides)
+    cfg, protocol_overrides = resolve_method(method, overrides, predictor=predictor, extractor=extractor,
+                                             refiner=refiner)
     return from_config(cfg, dataset_protocol(cfg, final=protocol_overrides), device, precision)
 
 

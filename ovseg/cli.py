@@ -89,18 +89,11 @@ def _devices(value: str):
 
 
 def resolve_method(args):
-    """Method config with the stage flags and non-protocol overrides applied; returns (cfg, protocol overrides)."""
-    from .config import apply_overrides, load_method, select_stages, split_overrides
+    """Method config with the stage flags and overrides applied; returns (cfg, protocol overrides)."""
+    from .config import resolve_method as resolve
 
-    cfg = load_method(args.method)
-    cfg = select_stages(cfg, predictor=args.predictor, extractor=args.extractor, refiner=args.refiner)
-    method_overrides, protocol_overrides = split_overrides(args.overrides)
-    cfg = apply_overrides(cfg, method_overrides)
-    if args.refiner or args.predictor or args.overrides:
-        tags = [t for t in (args.predictor, args.extractor, args.refiner) if t]
-        if tags and "name=" not in " ".join(args.overrides):
-            cfg.name = f"{cfg.name}+{'+'.join(tags)}"
-    return cfg, protocol_overrides
+    return resolve(args.method, args.overrides, predictor=args.predictor, extractor=args.extractor,
+                   refiner=args.refiner)
 
 
 def cmd_bench(args) -> int:

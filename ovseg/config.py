@@ -120,6 +120,28 @@ def apply_overrides(cfg: DictConfig, dotlist: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot apply overrides {dotlist}: {' '.join(str(exc).split())}") from exc
 
 
+def resolve_method(
+    method: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    predictor: str | None = None,
+    extractor: str | None = None,
+    refiner: str | None = None,
+) -> tuple[DictConfig, list[str]]:
+    """What the CLI and the Python API share: load a method, swap stages, apply `key=value` overrides.
+
+    Returns the config and the `protocol.*` overrides, which apply last (after per-dataset values).
+    A swapped stage is recorded in the method's name (`lposs_plus+sclip`) so run folders say so.
+    """
+    cfg = select_stages(load_method(method), predictor=predictor, extractor=extractor, refiner=refiner)
+    method_overrides, protocol_overrides = split_overrides(overrides)
+    cfg = apply_overrides(cfg, method_overrides)
+    tags = [t for t in (predictor, extractor, refiner) if t]
+    if tags and not any(o.startswith("name=") for o in method_overrides):
+        cfg.name = f"{cfg.name}+{'+'.join(tags)}"
+    return cfg, protocol_overrides
+
+
 def stage_kwargs(section: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
     if section is None:
         return None
