@@ -62,7 +62,8 @@ def _identity(cfg: DictConfig, suite_name: str, opts: BenchOptions) -> dict[str,
     }
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """Versions recorded with every run (and printed by `ovseg env`)."""
     import importlib.metadata as md
 
     versions = {}
@@ -98,7 +99,7 @@ def _prepare_run_dir(run_dir: Path, identity: dict, suite, random_weights: bool)
                      "group": getattr(d, "group", None)} for d in suite.datasets],
     }
     doc["random_weights"] = random_weights
-    doc["environment"] = _environment()
+    doc["environment"] = environment()
     OmegaConf.save(OmegaConf.create(doc), config_path)
 
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", action="store_true", help="also write per-class score maps (.npy)")
 
     sub.add_parser("list", help="registered plugins, suites and method configs")
+    sub.add_parser("env", help="versions, devices and paths, for bug reports")
 
     d = sub.add_parser("download", help="fetch the weights a method needs into the local cache")
     _add_method_args(d)
@@ -148,6 +149,25 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    from .bench import environment
+    from .paths import cache_dir, config_dir, data_root
+
+    env = environment()
+    print(f"ovseg {env['ovseg']}  python {env['python']}  {platform.platform()}")
+    for pkg, version in env["versions"].items():
+        print(f"  {pkg:<16} {version}")
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    print(f"CUDA available: {cuda} {gpus}  CPU threads: {torch.get_num_threads()}")
+    print(f"configs: {config_dir()}\ncache: {cache_dir()}\ndata root: {data_root()}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from .config import build_segmenter
 
@@ -198,7 +218,7 @@ def cmd_predict(args) -> int:
     return run_predict(args)
 
 
-COMMANDS = {"bench": cmd_bench, "list": cmd_list, "download": cmd_download, "compare": cmd_compare,
+COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cmd_download, "compare": cmd_compare,
             "predict": cmd_predict}
 
 

@@ -197,3 +197,13 @@ def test_bench_runs_in_bfloat16(tmp_path, precision):
     record = _results(run)["demo"]
     assert record["status"] == "done" and 0.0 <= record["miou"] <= 1.0
     assert f"precision: {precision}" in (run / "config.yaml").read_text()
+
+
+def test_env_and_list_commands(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "CUDA available" in out and "configs:" in out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("maskclip", "lposs_plus", "dino", "mess22", "tiny"):
+        assert name in out
