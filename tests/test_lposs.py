@@ -338,29 +338,3 @@ def test_solvers_ignore_and_restore_a_reduced_matmul_precision():
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
-
-
-def test_split_int8_graph_product_matches_float64_dense():
-    # the int8 digit product against an independently assembled float64 A + Aᵀ, with a zero column,
-    # columns of very different scales and Q not a multiple of 8
-    from ovseg_lposs.patch_lp import SplitInt8Graph, knn_edges
-
-    n, q = 75, 5
-    x = clustered(n, 8, 3, seed=21)
-    c = torch.rand(n, 2, generator=torch.Generator().manual_seed(22), dtype=torch.float64) * 300
-    idx, a = knn_edges(x.float(), c.float(), k=20)
-    dense = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j, v in zip(idx[i].tolist(), a[i].double().tolist()):
-            dense[i, j] += v
-            dense[j, i] += v
-    p = torch.randn(n, q, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
-    p[:, 1] = 0
-    p[:, 2] *= 1e-4
-    p[:, 3] *= 1e3
-    out = SplitInt8Graph(idx, a) @ p.float()
-    ref = dense @ p
-    assert out.dtype == torch.float32
-    assert (out[:, 1] == 0).all()
-    for col in (0, 2, 3, 4):
-        assert rel_err(out[:, col], ref[:, col].numpy()) < 1e-5  # fixed-point rounding: a few 1e-6
