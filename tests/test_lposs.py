@@ -338,3 +338,16 @@ def test_solvers_ignore_and_restore_a_reduced_matmul_precision():
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_refiner_configure_validates_and_rolls_back():
+    from ovseg import build_refiner
+    from ovseg.errors import ConfigError
+
+    r = build_refiner("lposs_plus", k=7, radius=3)
+    r.configure(k=5, tau=0.02)
+    assert (r.k, r.radius, r.tau) == (5, 3, 0.02)
+    for bad in ({"k": 0}, {"tau": 0}, {"k": "x"}, {"foo": 1}, {"alpha": 1.0}):
+        with pytest.raises(ConfigError):
+            r.configure(**bad)
+        assert (r.k, r.tau, r.alpha) == (5, 0.02, 0.95)  # a rejected option leaves the refiner unchanged

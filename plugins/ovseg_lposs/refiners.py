@@ -9,6 +9,7 @@ dtype, because the solvers run in float32 at least.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -66,29 +67,42 @@ class LPOSSRefiner(Refiner):
         patch_size: int | None = None,
     ):
         super().__init__()
-        LPOSSRefiner._set(self, k=k, gamma=gamma, sigma=sigma, pix_dist_pow=pix_dist_pow, alpha=alpha, tol=tol, maxiter=maxiter,
-                  patch_size=patch_size)
-
-    def _set(self, *, k, gamma, sigma, pix_dist_pow, alpha, tol, maxiter, patch_size) -> None:
-        if k < 1 or maxiter < 0 or not 0.0 <= alpha < 1.0:
-            raise ConfigError(f"invalid LPOSS parameters: k={k}, maxiter={maxiter}, alpha={alpha} (need k>=1, 0<=alpha<1)")
-        self.k, self.gamma, self.sigma, self.pix_dist_pow = int(k), float(gamma), float(sigma), float(pix_dist_pow)
-        self.alpha, self.tol, self.maxiter = float(alpha), float(tol), int(maxiter)
-        self.patch_size = None if patch_size is None else int(patch_size)
+        self.configure(k=k, gamma=gamma, sigma=sigma, pix_dist_pow=pix_dist_pow, alpha=alpha, tol=tol,
+                       maxiter=maxiter, patch_size=patch_size)
 
     def configure(self, **options) -> None:
-        """Change options after construction (per-dataset overrides); unknown names are an error."""
-        unknown = sorted(k for k in options if k not in self._options())
+        """Set options (construction and per-dataset overrides); unknown names or bad values are errors
+        and leave the refiner as it was."""
+        known = self._options()
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(self._options())}")
-        current = {k: getattr(self, k) for k in self._options()}
-        current.update(options)
-        self._set(**current)
+            raise ConfigError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(known)}")
+        previous = dict(self.__dict__)
+        self.__dict__.update(options)
+        try:
+            self._check()
+        except (ConfigError, TypeError, ValueError) as exc:
+            self.__dict__.clear()
+            self.__dict__.update(previous)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{type(self).__name__}: bad option value in {options}: {exc}") from exc
 
-    def _options(self) -> list[str]:
-        import inspect
+    def _check(self) -> None:
+        """Validate and normalise the patch-stage options."""
+        if self.k < 1 or self.maxiter < 0 or not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(
+                f"invalid LPOSS parameters: k={self.k}, maxiter={self.maxiter}, alpha={self.alpha} "
+                "(need k>=1, maxiter>=0, 0<=alpha<1)"
+            )
+        self.k, self.maxiter = int(self.k), int(self.maxiter)
+        self.gamma, self.sigma, self.pix_dist_pow = float(self.gamma), float(self.sigma), float(self.pix_dist_pow)
+        self.alpha, self.tol = float(self.alpha), float(self.tol)
+        self.patch_size = None if self.patch_size is None else int(self.patch_size)
 
-        return [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+    @classmethod
+    def _options(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
     def extra_repr(self) -> str:
         return (
@@ -152,20 +166,19 @@ class LPOSSPlusRefiner(LPOSSRefiner):
         patch_size: int | None = None,
     ):
         """`radius` 6 is the reference's r = 13 window; `pixel_*` None means the patch stage's value."""
+        # the pixel options exist before the base constructor validates the patch options
+        self.__dict__.update(radius=radius, tau=tau, pixel_alpha=pixel_alpha, pixel_tol=pixel_tol,
+                             pixel_maxiter=pixel_maxiter)
         super().__init__(k, gamma, sigma, pix_dist_pow, alpha, tol, maxiter, patch_size)
-        self._set_pixel(radius, tau, pixel_alpha, pixel_tol, pixel_maxiter)
 
-    def _set(self, *, radius, tau, pixel_alpha, pixel_tol, pixel_maxiter, **patch_options) -> None:
-        super()._set(**patch_options)
-        self._set_pixel(radius, tau, pixel_alpha, pixel_tol, pixel_maxiter)
-
-    def _set_pixel(self, radius, tau, pixel_alpha, pixel_tol, pixel_maxiter) -> None:
-        if radius < 0 or tau <= 0:
-            raise ConfigError(f"invalid LPOSS+ pixel parameters: radius={radius}, tau={tau}")
-        self.radius, self.tau = int(radius), float(tau)
-        self.pixel_alpha = None if pixel_alpha is None else float(pixel_alpha)
-        self.pixel_tol = None if pixel_tol is None else float(pixel_tol)
-        self.pixel_maxiter = None if pixel_maxiter is None else int(pixel_maxiter)
+    def _check(self) -> None:
+        super()._check()
+        if self.radius < 0 or self.tau <= 0:
+            raise ConfigError(f"invalid LPOSS+ pixel parameters: radius={self.radius}, tau={self.tau}")
+        self.radius, self.tau = int(self.radius), float(self.tau)
+        self.pixel_alpha = None if self.pixel_alpha is None else float(self.pixel_alpha)
+        self.pixel_tol = None if self.pixel_tol is None else float(self.pixel_tol)
+        self.pixel_maxiter = None if self.pixel_maxiter is None else int(self.pixel_maxiter)
 
     def extra_repr(self) -> str:
         return (
