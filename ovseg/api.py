@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from .errors import ConfigError
 from .segmenter import Segmentation, Segmenter
+from .protocol import PRECISIONS
 from .vocabulary import Vocabulary
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
@@ -148,7 +149,6 @@ def resolve_device(accelerator: str | None) -> torch.device:
     raise ConfigError(f"--accelerator must be cpu, gpu, mps or auto, got {accelerator!r}")
 
 
-PRECISIONS = ("32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed")
 
 
 def check_precision(precision: str | None) -> str:

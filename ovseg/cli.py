@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import OvsegError
+from .protocol import ACCELERATORS, PRECISIONS
 
 EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
 
@@ -22,10 +23,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
-def _add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (default)")
-    p.add_argument("--devices", default="1", help="number of devices (DDP when > 1), or 'auto'")
-    p.add_argument("--precision", default="32-true", help="32-true (default), bf16-mixed or bf16-true")
+def _add_device_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="default: auto (a GPU when visible)")
+    if devices:
+        p.add_argument("--devices", default="1", help="number of devices (DDP when > 1), or 'auto'")
+    p.add_argument("--precision", default="32-true", choices=PRECISIONS, help="default: 32-true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--classes", required=True, help='classes separated by ";", synonyms by ",": "cow; grass; sky, clouds"')
     _add_method_args(p)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--precision", default="32-true")
+    _add_device_args(p, devices=False)
     p.add_argument("--output", type=Path, default=Path("predictions"), help="output folder")
     p.add_argument("--save-scores", action="store_true", help="also write per-class score maps (.npy)")
 
@@ -224,13 +225,16 @@ COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cm
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # key=value overrides may follow the options; argparse cannot split two positional lists
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # key=value overrides may follow the options; argparse cannot split two positional lists
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = list(args.overrides) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # usage errors (already printed) and --help: a return code, like other errors
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         if args.command == "data":
             return cmd_data_check(args)

@@ -12,6 +12,11 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 
+#: numeric precisions a run may use (Lightning's names); kept here, free of torch, for the CLI's choices
+PRECISIONS = ("32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
 @dataclass(frozen=True)
 class Protocol:
     #: the image is resized so its short side is this (keeping the ratio); None keeps its size

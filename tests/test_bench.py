@@ -169,8 +169,10 @@ def test_overrides_after_options_and_malformed_overrides(tmp_path, capsys):
     assert "maxiter: 3" in (tmp_path / "run" / "config.yaml").read_text()
     assert main(base + ["predictor.colors={red:[1,2"]) == 2
     assert "cannot apply overrides" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(base + ["--no-such-flag"])
+    assert main(base + ["--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert main(["bench", "--precision", "fp7"]) == 2
+    assert "invalid choice: 'fp7'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
