@@ -154,6 +154,8 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
         datasets = [d for d in datasets if d.name in opts.only]
     data_root = opts.data_root or default_data_root()
     run_dir = Path(opts.output)
+    # built first: a bad --accelerator/--devices is reported before any model loads
+    trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, None, opts.progress)
     segmenter = build_segmenter(cfg)
     stage_options = StageOptions(cfg, {"predictor": segmenter.predictor, "refiner": segmenter.refiner})
     identity = _identity(cfg, suite.name, opts)
@@ -166,6 +168,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
         from .wandb_logging import make_wandb_logger
 
         logger = make_wandb_logger(opts.wandb_project, run_dir, identity, log=log)
+        trainer.logger = logger
 
     for spec in datasets:
         out = run_dir / "datasets" / f"{spec.name}.json"
@@ -193,7 +196,6 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
             writer = ExampleWriter(run_dir / "examples" / spec.name, vocabulary.display_names, spec.ignore_index,
                                    opts.save_examples)
         module = BenchModule(segmenter, vocabulary, spec.ignore_index, on_sample=writer)
-        trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, logger, opts.progress)
         start = time.perf_counter()
         results = evaluate(trainer, module, dataset, opts.num_workers)
         elapsed = time.perf_counter() - start

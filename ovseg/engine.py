@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError
 from .metrics import BoundaryIoU, IoU
 from .segmenter import Segmenter
 from .vocabulary import Vocabulary
@@ -78,18 +78,25 @@ def make_trainer(
     progress: bool = True,
 ) -> L.Trainer:
     """A Trainer for inference: DDP when more than one device, no checkpoints, no model summary."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     multi = num_nodes > 1 or (isinstance(devices, int) and devices > 1)
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy="ddp" if multi else "auto",
-        precision=precision,
-        logger=logger if logger is not None else False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-    )
+    try:
+        return L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy="ddp" if multi else "auto",
+            precision=precision,
+            logger=logger if logger is not None else False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+        )
+    except MisconfigurationException as exc:
+        raise ConfigError(
+            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes} --precision {precision}: {exc}"
+        ) from exc
 
 
 def evaluate(
