@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 #: what a malformed YAML file or key=value override can raise
 CONFIG_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError)
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
 from .paths import config_dir
 from .protocol import Protocol
 
@@ -216,6 +216,16 @@ def build_segmenter(cfg: DictConfig | str | Path | None = None, protocol: Protoc
 
     if not isinstance(cfg, DictConfig):
         cfg = load_method(cfg)
+    try:
+        return _build_segmenter(cfg, protocol)
+    except WeightsError as exc:
+        raise WeightsError(f"method {cfg.name}: {exc}") from exc
+
+
+def _build_segmenter(cfg: DictConfig, protocol: Protocol | None):
+    from .registry import build_extractor, build_predictor, build_refiner
+    from .segmenter import Segmenter
+
     name, kwargs = stage_kwargs(cfg.predictor)
     predictor = build_predictor(name, **kwargs)
     name, kwargs = stage_kwargs(cfg.refiner)

@@ -160,7 +160,7 @@ def test_default_method_without_weights_stops_with_one_message(tmp_path):
     result = _cli(["bench", "--suite", "demo", "--output", str(tmp_path / "run"), "--no-progress"], empty, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "ovseg: error:" in result.stderr and "ovseg download" in result.stderr
+    assert "ovseg: error: method lposs_plus:" in result.stderr and "ovseg download" in result.stderr
 
 
 def test_overrides_after_options_and_malformed_overrides(tmp_path, capsys):

@@ -478,7 +478,7 @@ def test_random_weights_are_seeded():
 
 
 def _assert_helpful(msg: str):
-    assert "ovseg download --method" in msg and "predictor.pretrained=" in msg, msg
+    assert "`ovseg download` with the same --method" in msg and "predictor.pretrained=" in msg, msg
 
 
 def test_missing_path_raises_weights_error(tmp_path):
@@ -526,7 +526,7 @@ def test_known_tag_offline_fails_fast(tmp_path, monkeypatch, how):
         build_predictor("sclip", model="ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     msg = str(info.value)
-    assert "offline" in msg and "'openai'" in msg and "ovseg download --method sclip" in msg
+    assert "offline" in msg and "'openai'" in msg and "`ovseg download` with the same --method" in msg
     _assert_helpful(msg)
 
 

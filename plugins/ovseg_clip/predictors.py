@@ -69,7 +69,6 @@ class ClipDensePredictor(VLMPredictor):
             pretrained,
             quick_gelu=quick_gelu,
             cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
-            method=self.method,
             seed=seed,
         )
         check_vit(loaded.model.visual)

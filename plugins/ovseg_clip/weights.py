@@ -93,10 +93,10 @@ class LoadedModel:
     std: tuple[float, ...] = OPENAI_CLIP_STD
 
 
-def _fix_hint(method: str) -> str:
+def _fix_hint() -> str:
     return (
-        f"Fix: on a machine with network access run `ovseg download --method {method}` (it caches the "
-        "weights named in the method's config), or pass `predictor.pretrained=/path/to/checkpoint` (an "
+        "Fix: on a machine with network access run `ovseg download` with the same --method and overrides "
+        "(it caches the weights named in the method's config), or pass `predictor.pretrained=/path/to/checkpoint` (an "
         "open_clip checkpoint or OpenAI's ViT-B-16.pt); `predictor.pretrained=random` runs without weights."
     )
 
@@ -333,7 +333,7 @@ def _cached_file(cfg: Mapping, cache_dir: str | None) -> str | None:
     return None
 
 
-def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str:
+def resolve_tag(model: str, tag: str, cache_dir: str | None) -> str:
     """Local path of the checkpoint for open_clip tag `tag` of `model`, downloading it if possible."""
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
@@ -341,7 +341,7 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
         raise WeightsError(
             f"pretrained={tag!r} is neither an open_clip tag of {model!r} (known tags: "
             f"{', '.join(tags) or 'none'}) nor an existing file. "
-            + _fix_hint(method)
+            + _fix_hint()
         )
     found = _cached_file(cfg, cache_dir)
     if found:
@@ -354,7 +354,7 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
         raise WeightsError(
             f"{model} weights {tag!r} are not in {where} and this machine is offline "
             f"({'HF_HUB_OFFLINE/OVSEG_OFFLINE is set' if _offline_env() else 'cannot reach ' + ', '.join(hosts)}). "
-            + _fix_hint(method)
+            + _fix_hint()
         )
     try:
         from open_clip.pretrained import download_pretrained
@@ -363,17 +363,17 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None, method: str) -> str
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(
             f"downloading {model} weights {tag!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            + _fix_hint(method)
+            + _fix_hint()
         ) from exc
     if not path or not os.path.isfile(path):
-        raise WeightsError(f"open_clip returned no file for {model}/{tag}. " + _fix_hint(method))
+        raise WeightsError(f"open_clip returned no file for {model}/{tag}. " + _fix_hint())
     return path
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache_dir: str | None, method: str):
+def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache_dir: str | None):
     is_file = os.path.exists(pretrained)
     is_tag = not is_file and bool(open_clip.get_pretrained_cfg(model, pretrained))
     looks_like_path = os.sep in pretrained or pretrained.startswith(".") or Path(pretrained).suffix != ""
@@ -388,7 +388,7 @@ def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache
         net, tok, desc = build_from_state_dict(sd, model, quick_gelu, ts, repr(pretrained))
         return LoadedModel(net, tok, desc, False)
     _model_cfg(model)
-    path = resolve_tag(model, pretrained, cache_dir, method)
+    path = resolve_tag(model, pretrained, cache_dir)
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
     qg = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
     sd, ts = read_state_dict(path)
@@ -404,7 +404,6 @@ def load_clip(
     *,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
-    method: str = "clip",
     seed: int = 0,
 ) -> LoadedModel:
     """Resolve `pretrained` (tag, path or "random") into a float32 eval-mode open_clip model."""
@@ -417,11 +416,11 @@ def load_clip(
         loaded = LoadedModel(net, model, f"{model} with random weights (seed {seed})", True)
     else:
         try:
-            loaded = _load_pretrained(model, pretrained, quick_gelu, cache_dir, method)
+            loaded = _load_pretrained(model, pretrained, quick_gelu, cache_dir)
         except WeightsError as exc:
             if "Fix:" in str(exc):
                 raise
-            raise WeightsError(f"{exc}. {_fix_hint(method)}") from (exc.__cause__ or exc)
+            raise WeightsError(f"{exc}. {_fix_hint()}") from (exc.__cause__ or exc)
     loaded.model = loaded.model.float().eval().requires_grad_(False)
     log.info("CLIP weights: %s", loaded.source)
     return loaded

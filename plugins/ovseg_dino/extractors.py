@@ -41,7 +41,6 @@ class TimmViTExtractor(FeatureExtractor):
     default_model: str = ""
     default_tag: str = ""
     default_pos_interpolation: str = "timm"
-    method_hint: str = "lposs"
 
     def __init__(
         self,
@@ -66,10 +65,10 @@ class TimmViTExtractor(FeatureExtractor):
         path = None
         if not self.random_weights:
             if isinstance(pretrained, str) and weights.looks_like_path(pretrained):
-                path = weights.local_file(pretrained, self.method_hint)
+                path = weights.local_file(pretrained)
             else:
                 hub = weights.hub_name(arch, tag, pretrained, self.default_tag)
-                path = weights.resolve_hub_file(hub, self.method_hint)
+                path = weights.resolve_hub_file(hub)
         kwargs = dict(model_kwargs or {})
         kwargs.update(num_classes=0, dynamic_img_size=True)
         try:

@@ -26,18 +26,18 @@ _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 _PROBE_TIMEOUT_S = 3.0
 
 
-def _fix_hint(method_hint: str) -> str:
+def _fix_hint() -> str:
     return (
-        f"Fix: run `ovseg download --method {method_hint}` (or the method you run) on a connected machine and "
-        "copy its Hugging Face cache here, or set `extractor.pretrained=/path/to/checkpoint.pth`."
+        "Fix: run `ovseg download` with the same --method and overrides on a connected machine and copy its "
+        "Hugging Face cache here, or set `extractor.pretrained=/path/to/checkpoint.pth`."
     )
 
 
-def local_file(path: str, method_hint: str) -> str:
+def local_file(path: str) -> str:
     """`path` with `~` expanded, if it is a file."""
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
-        raise WeightsError(f"checkpoint file {path!r} does not exist. {_fix_hint(method_hint)}")
+        raise WeightsError(f"checkpoint file {path!r} does not exist. {_fix_hint()}")
     return full
 
 
@@ -52,7 +52,7 @@ def looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
 
 
-def resolve_hub_file(name: str, method_hint: str) -> str:
+def resolve_hub_file(name: str) -> str:
     """Local path of the hub checkpoint of timm model `name` (cached, or downloaded if the Hub answers)."""
     import timm
 
@@ -61,7 +61,7 @@ def resolve_hub_file(name: str, method_hint: str) -> str:
     except RuntimeError:  # an unknown tag
         cfg = None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise WeightsError(f"timm has no pretrained weights named {name!r}. {_fix_hint(method_hint)}")
+        raise WeightsError(f"timm has no pretrained weights named {name!r}. {_fix_hint()}")
     tried = []
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -90,7 +90,7 @@ def resolve_hub_file(name: str, method_hint: str) -> str:
         reason = "the download failed (" + "; ".join(errors)[:400] + ")"
     raise WeightsError(
         f"cannot load pretrained weights {name!r}: not found in {' or '.join(tried)}, and {reason}. "
-        f"{_fix_hint(method_hint)}"
+        f"{_fix_hint()}"
     )
 
 
