@@ -15,14 +15,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .data.io import IMAGE_EXTENSIONS, open_image, rgb_array
 from .errors import ConfigError
 from .segmenter import Segmentation, Segmenter
 from .protocol import PRECISIONS
 from .vocabulary import Vocabulary
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm")
+#: files `ovseg predict` picks from a folder: the dataset image types plus formats people keep photos in
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS + (".gif", ".ppm", ".pgm", ".pnm")
+WHITE = (255, 255, 255)
 
 
 def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -41,37 +44,20 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer):
         top = int(arr.max()) if arr.size else 0
         if top <= 255 and arr.dtype.itemsize > 2:
-            return np.clip(arr, 0, 255).astype(np.uint8)  # 32-bit PIL "I" images holding 8-bit data
+            return np.clip(arr, 0, 255).astype(np.uint8)  # 32-bit integer arrays holding 8-bit data
         if top <= 65535:
             return ((np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         return (np.clip(arr, 0, None).astype(np.float64) / top * 255 + 0.5).astype(np.uint8)
     raise ConfigError(f"unsupported pixel type {arr.dtype}")
 
 
-def pil_to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: greyscale, palette, CMYK and 16-bit images are converted, and
-    transparent pixels (RGBA, LA, palette transparency) are composited onto white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        grey = _scale_to_uint8(np.asarray(img))
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB, upright according to its EXIF orientation.
+    """Read an image file as (H, W, 3) uint8 RGB, upright by its EXIF orientation, transparency on white.
 
-    Raises OSError (including PIL's UnidentifiedImageError) for a missing or unreadable file.
+    Decoded by the same code as dataset images (`ovseg.data.io`); raises DatasetError naming the file
+    when it is missing or unreadable.
     """
-    with Image.open(path) as img:
-        img.load()  # decode now, so a truncated file fails here rather than later
-        img = ImageOps.exif_transpose(img) or img
-        return np.array(pil_to_rgb(img))
+    return rgb_array(open_image(path, str(path)), str(path), background=WHITE)
 
 
 def as_image_tensor(image) -> torch.Tensor:
@@ -84,7 +70,7 @@ def as_image_tensor(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = load_image(image)
     if isinstance(image, Image.Image):
-        image = np.array(pil_to_rgb(image))
+        image = rgb_array(image, "image", background=WHITE)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
@@ -96,7 +82,7 @@ def as_image_tensor(image) -> torch.Tensor:
             arr = arr[..., None]
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # one writable copy
     if isinstance(image, torch.Tensor):
         t = image
         if t.ndim == 2:

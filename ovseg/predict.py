@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, DatasetError
 from .visualize import label_png, overlay
 from .vocabulary import Vocabulary
 
@@ -160,8 +160,9 @@ def run_predict(args, log=print, err=None) -> int:
         for path, stem in bar:
             try:
                 image = load_image(path)
-            except Exception as exc:  # noqa: BLE001 - PIL raises several types for a bad file
-                failures.append(Failure(path, f"not a readable image ({type(exc).__name__}: {exc})"))
+            except DatasetError as exc:  # report PIL's own reason; Failure already names the file
+                cause = exc.__cause__ or exc
+                failures.append(Failure(path, f"not a readable image ({type(cause).__name__}: {cause})"))
                 tqdm.write(f"ovseg predict: skipped {failures[-1]}", file=sys.stderr)
                 continue
             try:

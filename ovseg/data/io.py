@@ -45,12 +45,22 @@ def open_image(source: Any, where: str) -> Image.Image:
         raise DatasetError(f"{where}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
-def rgb_array(img: Image.Image, where: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from any PIL mode."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def rgb_array(img: Image.Image, where: str, background: tuple[int, int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from any PIL mode.
+
+    `background` composites transparent pixels onto that colour (what a person sees in a viewer,
+    used by `ovseg predict`); None drops the alpha channel as OpenCV's `imread` does for datasets.
+    """
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
         pass
+    if background is not None and (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img).astype(np.float64)
         if img.mode == "F":  # no fixed range: stretch to [0, 255]
