@@ -137,16 +137,51 @@ def test_propagate_patches_matches_dense_reference():
     assert rel_err(out32, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=15)) < 1e-5
 
 
-def test_sparse_graph_path_equals_dense(monkeypatch):
+def test_large_graph_path_equals_dense_mask_path(monkeypatch):
     import ovseg_lposs.patch_lp as patch_lp
 
     x = clustered(70, 10, 3, seed=14)
     y = torch.rand(70, 3, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
     c = torch.rand(70, 2, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * 200
     dense = propagate_patches(y, x, c, k=12)
-    monkeypatch.setattr(patch_lp, "DENSE_GRAPH_MAX_ENTRIES", 0)  # large N: CSR graph
-    assert patch_lp.patch_graph(x, c, k=12).layout == torch.sparse_csr
+    graph = patch_lp.patch_graph(x, c, k=12).to_dense()
+    monkeypatch.setattr(patch_lp, "DENSE_KNN_MAX_NODES", 0)  # large N: chunked kNN, pairs sorted
+    monkeypatch.setattr(patch_lp, "KNN_CHUNK_BYTES", 8 * 70 * 16)  # 16 rows per chunk
+    assert torch.allclose(patch_lp.patch_graph(x, c, k=12).to_dense(), graph, rtol=0, atol=1e-15)
     assert torch.allclose(propagate_patches(y, x, c, k=12), dense, rtol=0, atol=1e-12)
+
+
+def dense_patch_graph(X, C, k, gamma=3.0, sigma=0.01, p=1.0):
+    """`D^-1/2 (W + Wᵀ - diag) D^-1/2` from the formulas, in float64 numpy."""
+    X, C = np.asarray(X, np.float64), np.asarray(C, np.float64)
+    S = X @ X.T
+    W = np.zeros_like(S)
+    for i in range(len(X)):
+        nn_ = np.argsort(-S[i], kind="stable")[:k]
+        W[i, nn_] = np.maximum(S[i, nn_], 0) ** gamma * np.exp(-sigma * np.sqrt(((C[nn_] - C[i]) ** 2).sum(-1)) ** p)
+    W = W + W.T
+    np.fill_diagonal(W, 0)
+    deg = W.sum(1)
+    deg[deg == 0] = 1
+    return W / np.sqrt(deg)[:, None] / np.sqrt(deg)[None, :]
+
+
+def test_float32_csr_graph_and_its_product_match_the_dense_formula_across_sizes():
+    # float32 takes the embedding_bag product; sizes go big, small, big so the kept scratch
+    # similarity matrix is reused for a smaller problem and then replaced
+    import ovseg_lposs.patch_lp as patch_lp
+
+    for n, seed in [(120, 20), (50, 21), (130, 22)]:
+        x = clustered(n, 16, 4, seed=seed).float()
+        c = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)) * 300
+        graph = patch_lp.patch_graph(x, c, k=25)
+        ref = dense_patch_graph(x.numpy(), c.numpy(), k=25)
+        assert graph.values.dtype == torch.float32
+        assert np.abs(graph.to_dense().numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
+        rows = torch.arange(n).repeat_interleave(graph.offsets.diff())
+        assert ((rows * n + graph.columns).diff() > 0).all()  # CSR: each pair once, rows and columns ascending
+        p = torch.randn(n, 7, generator=torch.Generator().manual_seed(seed))
+        assert np.abs(graph.matmul(p).numpy() - ref @ p.double().numpy()).max() <= 1e-5
 
 
 def test_propagate_patches_k_larger_than_n_and_isolated_patches():
