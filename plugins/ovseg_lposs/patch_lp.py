@@ -95,7 +95,7 @@ def _union_from_mask(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     """
     n = features.shape[0]
     k = max(1, min(int(k), n))
-    sims = torch.mm(features, features.T, out=_similarity_buffer(n, features.dtype, features.device))
+    sims = _gram(features, _similarity_buffer(n, features.dtype, features.device))
     idx = sims.topk(k, dim=1, sorted=False).indices
     count = torch.zeros((n, n), dtype=torch.int8, device=features.device)
     one = torch.ones((), dtype=torch.int8, device=features.device).expand(n, k)
@@ -104,6 +104,15 @@ def _union_from_mask(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     count.diagonal().zero_()  # the self-loops the kNN lists contain are dropped (reference §4.6)
     flat = count.view(-1).nonzero().squeeze(1)
     return flat, sims.view(-1).index_select(0, flat), count.view(-1).index_select(0, flat).to(sims.dtype)
+
+
+def _gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`x @ x.T` into `out`, computing the lower-left block as the transpose of the upper-right (3/4 of the flops)."""
+    h = x.shape[0] // 2
+    torch.mm(x[:h], x.T, out=out[:h])
+    torch.mm(x[h:], x[h:].T, out=out[h:, h:])
+    out[h:, :h] = out[:h, h:].T
+    return out
 
 
 #: the similarity matrix is kept for the next call up to this size (N = 4096 in float32)
@@ -166,10 +175,12 @@ def patch_graph(
     offsets = torch.searchsorted(flat, torch.arange(n + 1, device=flat.device) * n)
     rows = torch.arange(n, device=flat.device).repeat_interleave(offsets.diff())
     columns = flat - rows * n
-    # centres as complex numbers: one gather per endpoint and |a - b| is the Euclidean distance
+    # centres as complex numbers: one gather per endpoint (|z| itself is slow on CPU, so d² by hand)
     points = torch.complex(centers[:, 0].contiguous(), centers[:, 1].contiguous())
-    dist = (points.index_select(0, rows) - points.index_select(0, columns)).abs()
-    values = sims.clamp(min=0).pow(gamma) * torch.exp(-sigma * dist.pow(pix_dist_pow)) * count
+    diff = points.index_select(0, rows) - points.index_select(0, columns)
+    dist2 = diff.real.square().add_(diff.imag.square())
+    dist_pow = dist2.sqrt_() if pix_dist_pow == 1 else dist2.pow_(pix_dist_pow / 2)
+    values = sims.clamp_(min=0).pow_(gamma).mul_(dist_pow.mul_(-sigma).exp_()).mul_(count)
     graph = PatchGraph(offsets, columns, values)
     dinv = _inv_sqrt_degree(graph.matmul(torch.ones((n, 1), dtype=values.dtype, device=values.device)).squeeze(1))
     values.mul_(dinv.index_select(0, rows)).mul_(dinv.index_select(0, columns))
