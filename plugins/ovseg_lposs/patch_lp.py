@@ -125,8 +125,11 @@ def _similarity_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torc
 
     On CPU a fresh 35 MB matrix (N = 2940) comes from `mmap`, and its first touch page-faults for
     about a third of the GEMM's time. Images are refined one after another, so keeping the last
-    buffer (at most `SIMILARITY_CACHE_BYTES`) removes that. CUDA's caching allocator already does it.
+    buffer (at most `SIMILARITY_CACHE_BYTES`) removes that. CUDA's caching allocator already does it,
+    so only CPU buffers are kept.
     """
+    if device.type != "cpu":
+        return torch.empty((n, n), dtype=dtype, device=device)
     last = getattr(_cache, "buffer", None)
     if last is not None and last.dtype == dtype and last.device == device and last.numel() >= n * n:
         return last.view(-1)[: n * n].view(n, n)
