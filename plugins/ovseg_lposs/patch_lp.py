@@ -59,13 +59,25 @@ class PatchGraph:
             self.columns, p, self.offsets, mode="sum", per_sample_weights=self.values, include_last_offset=True
         )
 
+    def rows(self) -> torch.Tensor:
+        """The row index of every stored entry (the expanded form of `offsets`)."""
+        return _expand_offsets(self.offsets)
+
     def to_dense(self) -> torch.Tensor:
         """The N×N matrix (tests and small-case inspection)."""
-        n = self.size
-        rows = torch.repeat_interleave(torch.arange(n, device=self.offsets.device), self.offsets.diff())
-        dense = torch.zeros((n, n), dtype=self.values.dtype, device=self.values.device)
-        dense[rows, self.columns] = self.values
+        dense = torch.zeros((self.size, self.size), dtype=self.values.dtype, device=self.values.device)
+        dense[self.rows(), self.columns] = self.values
         return dense
+
+
+def _expand_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """CSR row offsets (N + 1,) -> the row index of each entry."""
+    return torch.arange(offsets.numel() - 1, device=offsets.device).repeat_interleave(offsets.diff())
+
+
+def _neighbour_count(k: int, n: int) -> int:
+    """k clamped to [1, N]: a list can hold at most every node, itself included."""
+    return max(1, min(int(k), n))
 
 
 def knn_inner_product(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +88,7 @@ def knn_inner_product(features: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     graph does not depend on it).
     """
     n = features.shape[0]
-    k = max(1, min(int(k), n))
+    k = _neighbour_count(k, n)
     rows = max(1, min(n, KNN_CHUNK_BYTES // (features.element_size() * max(n, 1))))
     sims, idx = [], []
     for start in range(0, n, rows):
@@ -94,7 +106,7 @@ def _union_from_mask(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     row-major order are the CSR structure. This avoids sorting the 2·N·k directed pairs.
     """
     n = features.shape[0]
-    k = max(1, min(int(k), n))
+    k = _neighbour_count(k, n)
     sims = _gram(features, _similarity_buffer(n, features.dtype, features.device))
     idx = sims.topk(k, dim=1, sorted=False).indices
     count = torch.zeros((n, n), dtype=torch.int8, device=features.device)
@@ -152,7 +164,8 @@ def _union_by_sorting(features: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     flat = torch.cat([rows * n + cols, cols * n + rows])
     flat, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     sum_s = torch.zeros(flat.numel(), dtype=s.dtype, device=s.device).index_add_(0, inverse, torch.cat([s, s]))
-    count = torch.zeros_like(sum_s).index_add_(0, inverse, torch.ones((), dtype=s.dtype, device=s.device).expand(inverse.numel()))
+    ones = torch.ones((), dtype=s.dtype, device=s.device).expand(inverse.numel())
+    count = torch.zeros_like(sum_s).index_add_(0, inverse, ones)
     return flat, sum_s / count, count
 
 
@@ -176,7 +189,7 @@ def patch_graph(
     union = _union_from_mask if n <= DENSE_KNN_MAX_NODES else _union_by_sorting
     flat, sims, count = union(features, k)
     offsets = torch.searchsorted(flat, torch.arange(n + 1, device=flat.device) * n)
-    rows = torch.arange(n, device=flat.device).repeat_interleave(offsets.diff())
+    rows = _expand_offsets(offsets)
     columns = flat - rows * n
     # centres as complex numbers: one gather per endpoint (|z| itself is slow on CPU, so d² by hand)
     points = torch.complex(centers[:, 0].contiguous(), centers[:, 1].contiguous())
