@@ -1,12 +1,15 @@
 """`ovseg bench`: run a method over every dataset of a suite and write the run folder.
 
 Run folder: `config.yaml` (resolved config), `datasets/<name>.json` (one per dataset), `summary.csv`
-and `summary.md`. A dataset whose JSON says `done` is not recomputed, so an interrupted bench resumes;
-a folder holding a run of another configuration is refused rather than mixed.
+and `summary.md`. A dataset whose JSON says `done` is not recomputed, so an interrupted bench resumes,
+unless the suite's entry for it changed since (see `_definition`); a folder holding a run of another
+configuration is refused rather than mixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,10 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from . import __version__
-from .config import StageOptions, build_segmenter, dataset_classes, dataset_protocol
+from .config import StageOptions, build_segmenter, dataset_protocol, dataset_vocabulary
 from .errors import ConfigError, DatasetError
 from .paths import data_root as default_data_root
-from .vocabulary import Vocabulary
 
 
 @dataclass
@@ -132,11 +134,39 @@ def _write_json(path: Path, record: dict) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves a half JSON that looks done
 
 
-def _finished(path: Path) -> bool:
+def _definition(spec, vocabulary, protocol) -> str:
+    """Digest of what the suite fixes about a dataset's numbers: source, labels, classes, protocol.
+
+    The run folder's identity holds the method and the suite's name but not the suite's content, so a
+    result saved before the suite file changed (other class names, label conventions, protocol) must
+    not be reused: each result records this digest and is recomputed when it no longer matches.
+    """
+    source = dataclasses.asdict(spec.source) if dataclasses.is_dataclass(spec.source) else repr(spec.source)
+    doc = {
+        "source": source,
+        "classes": vocabulary.class_names,
+        "shared_names": list(vocabulary.shared_names),
+        "ignore_index": spec.ignore_index,
+        "reduce_zero_label": spec.reduce_zero_label,
+        "label_map": sorted(spec.label_map.items()),
+        "protocol": protocol.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, definition: str, log) -> bool:
+    """Whether `path` holds a finished result for this dataset definition (older results have none)."""
     try:
-        return json.loads(path.read_text()).get("status") == "done"
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    if saved.get("status") != "done":
+        return False
+    if saved.get("definition", definition) != definition:
+        log(f"{saved.get('dataset', path.stem)}: the suite's definition of this dataset changed since {path} was "
+            "written (classes, labels, source or protocol); recomputing it")
+        return False
+    return True
 
 
 def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
@@ -172,7 +202,10 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
 
     for spec in datasets:
         out = run_dir / "datasets" / f"{spec.name}.json"
-        if _finished(out):
+        protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
+        vocabulary = dataset_vocabulary(cfg, spec)
+        definition = _definition(spec, vocabulary, protocol)
+        if _finished(out, definition, log):
             log(f"{spec.name}: already finished in {out}, skipped")
             continue
         try:
@@ -186,9 +219,8 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
             continue
         if opts.limit is not None:
             dataset = Subset(dataset, range(min(opts.limit, len(dataset))))
-        segmenter.protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)
+        segmenter.protocol = protocol
         stage_options.apply(spec.name)
-        vocabulary = Vocabulary(dataset_classes(cfg, spec.name, spec.classes))
         writer = None
         if opts.save_examples > 0:
             from .examples import ExampleWriter
@@ -217,6 +249,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
             random_weights=segmenter.random_weights,
             elapsed_s=round(elapsed, 3),
             protocol=segmenter.protocol.to_dict(),
+            definition=definition,
         )
         _write_json(out, record)
         log(f"{spec.name}: mIoU {100 * record['miou']:.2f}  Boundary IoU {100 * record['biou']:.2f}  "

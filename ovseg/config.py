@@ -8,7 +8,7 @@ default protocol, per-dataset overrides and the published numbers it should repr
     extractor: {name: dino, model: vit_base_patch16_224.dino, feature: v}   # or null
     refiner: {name: lposs_plus, k: 400}
     protocol: {short_side: 448, crop: 224, stride: 112}
-    datasets: {voc21: {protocol: {prob_thd: 0.1}, classes: [...]}}
+    datasets: {voc21: {protocol: {prob_thd: 0.1}, classes: [...]}}   # also shared_names: [...]
     published: {source: "...", miou: {voc21: 61.1}}
 
 Protocol precedence, lowest first: suite dataset, method `protocol`, method `datasets.<name>.protocol`,
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 #: what a malformed YAML file or key=value override can raise
@@ -30,12 +30,13 @@ CONFIG_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError)
 from .errors import ConfigError, WeightsError
 from .paths import config_dir
 from .protocol import Protocol
+from .vocabulary import Vocabulary
 
 DEFAULT_METHOD = "lposs_plus"
 METHOD_KEYS = {"name", "description", "predictor", "extractor", "refiner", "protocol", "datasets", "published"}
 STAGES = ("predictor", "extractor", "refiner")
 #: what a method may change per dataset; stage options go through the stage's `configure(**options)`
-DATASET_KEYS = {"protocol", "classes", "predictor", "refiner"}
+DATASET_KEYS = {"protocol", "classes", "shared_names", "predictor", "refiner"}
 
 
 def method_path(spec: str | Path | None) -> Path:
@@ -169,10 +170,27 @@ def dataset_protocol(
     return Protocol.from_dict(merged, where=where)
 
 
-def dataset_classes(cfg: DictConfig, dataset: str, default: list) -> list:
-    """Class list for a dataset: the method's override (e.g. ClearCLIP's plain 'background') or the suite's."""
-    override = cfg.datasets.get(dataset, {}).get("classes") if dataset in cfg.datasets else None
-    return list(OmegaConf.to_container(override)) if override is not None else list(default)
+def dataset_vocabulary(cfg: DictConfig, spec) -> Vocabulary:
+    """A dataset's vocabulary: the method's class list (e.g. ClearCLIP's plain 'background') or the suite's.
+
+    `shared_names` follow the class list they belong to: the method's `datasets.<name>.shared_names`
+    if it sets them, else the suite's, unless the method replaced the classes (then none).
+    """
+    override = cfg.datasets.get(spec.name, {}) if spec.name in cfg.datasets else {}
+    classes = override.get("classes")
+    shared = override.get("shared_names")
+    if shared is None:
+        shared = spec.shared_names if classes is None else ()
+    classes = spec.classes if classes is None else classes
+    try:
+        return Vocabulary(_plain(classes), _plain(shared))
+    except ConfigError as exc:
+        raise ConfigError(f"method {cfg.name}, dataset {spec.name}: {exc}") from exc
+
+
+def _plain(value):
+    """An omegaconf list as a Python list (other values unchanged)."""
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
 
 
 class StageOptions:

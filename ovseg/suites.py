@@ -16,6 +16,7 @@ Schema of a suite file (`configs/suites/<name>.yaml`)::
           # or {type: demo}  (the generated demo dataset); all keys: ovseg.data.sources
         classes: ["background, sky, wall", aeroplane, ...]   # synonyms comma-separated, or a list
         # or classes_file: classes/voc21.txt   (relative to the suite file; one class per line)
+        shared_names: [bed]             # optional: names allowed in two classes (ovseg.vocabulary)
         ignore_index: 255               # optional (255)
         reduce_zero_label: false        # optional (false): 0 -> ignore, k -> k-1
         label_map: {}                   # optional raw-value remap {from: to}, applied before reduce_zero_label
@@ -32,7 +33,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
@@ -42,7 +43,7 @@ from .protocol import Protocol
 
 _SUITE_KEYS = {"name", "description", "datasets"}
 _DATASET_KEYS = {
-    "name", "title", "domain", "group", "source", "classes", "classes_file", "ignore_index",
+    "name", "title", "domain", "group", "source", "classes", "classes_file", "shared_names", "ignore_index",
     "reduce_zero_label", "label_map", "protocol",
 }
 
@@ -62,6 +63,7 @@ class DatasetSpec:
     label_map: dict[int, int] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
     suite_path: Path | None = None
+    shared_names: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +73,7 @@ class DatasetSpec:
     def vocabulary(self):
         from .vocabulary import Vocabulary
 
-        return Vocabulary(self.classes)
+        return Vocabulary(self.classes, self.shared_names)
 
     @property
     def conventions(self):
@@ -205,8 +207,11 @@ def _parse_dataset(entry: Any, index: int, where: str, path: Path | None) -> Dat
     if ("classes" in entry) == ("classes_file" in entry):
         raise ConfigError(f"{here}: give exactly one of `classes` and `classes_file`")
     classes = entry["classes"] if "classes" in entry else _read_classes_file(entry["classes_file"], here, path)
+    shared_names = entry.get("shared_names", [])
+    if isinstance(shared_names, str) or not isinstance(shared_names, Sequence):
+        raise ConfigError(f"{here}: `shared_names` must be a list of names, got {shared_names!r}")
     try:
-        Vocabulary(classes)
+        Vocabulary(classes, shared_names)
     except ConfigError as exc:
         raise ConfigError(f"{here}: {exc}") from exc
     classes = list(classes)
@@ -235,4 +240,4 @@ def _parse_dataset(entry: Any, index: int, where: str, path: Path | None) -> Dat
     domain = typed("domain", str, None)
     group = typed("group", str, None)
     return DatasetSpec(name, source, classes, title, domain, group, ignore_index, reduce_zero_label,
-                       label_map, protocol, path)
+                       label_map, protocol, path, tuple(shared_names))

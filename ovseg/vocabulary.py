@@ -3,11 +3,17 @@
 A class is a string of comma-separated synonyms (`"person, person in shirt"`) or a list of names.
 Every name is its own query (Q names in class-major order); `reduce` maps per-name scores back to
 classes by the max over each class's names, as SCLIP/LPOSS do.
+
+A name may belong to only one class, which catches copy-paste slips in class lists. The reference
+class files break that rule once on purpose: SCLIP, NACLIP and LPOSS list `bed` both as a COCO-Object
+background synonym and as class 60. Listing such a name in `shared_names` keeps every occurrence as
+its own query, exactly as those codes do: the duplicate takes part in the softmax over names, and
+since both queries score the same, the argmax tie goes to the first class.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -27,24 +33,32 @@ def _split(item, index: int) -> list[str]:
 
 
 class Vocabulary:
-    """Classes, each with one or more names (synonyms)."""
+    """Classes, each with one or more names (synonyms); `shared_names` may appear in several classes."""
 
-    def __init__(self, classes: Sequence):
+    def __init__(self, classes: Sequence, shared_names: Iterable[str] = ()):
         if isinstance(classes, str) or classes is None:
             raise ConfigError("classes must be a list of class entries, not a single string")
+        if isinstance(shared_names, str):
+            raise ConfigError(f"shared_names must be a list of names, not the string {shared_names!r}")
         classes = list(classes)
         if not classes:
             raise ConfigError("the class list is empty")
         self.class_names: list[list[str]] = [_split(item, i) for i, item in enumerate(classes)]
-        owner: dict[str, int] = {}
+        self.shared_names: tuple[str, ...] = tuple(dict.fromkeys(n.strip() for n in shared_names))
+        owners: dict[str, list[int]] = {}
         for c, names in enumerate(self.class_names):
-            for n in names:
-                if n in owner and owner[n] != c:
-                    raise ConfigError(
-                        f"name {n!r} appears in class {owner[n]} ({self.class_names[owner[n]][0]!r}) "
-                        f"and class {c} ({names[0]!r}); each name must belong to one class"
-                    )
-                owner[n] = c
+            for n in dict.fromkeys(names):
+                owners.setdefault(n, []).append(c)
+        for n, cs in owners.items():
+            if len(cs) > 1 and n not in self.shared_names:
+                raise ConfigError(
+                    f"name {n!r} appears in class {cs[0]} ({self.class_names[cs[0]][0]!r}) and class {cs[1]} "
+                    f"({self.class_names[cs[1]][0]!r}); each name must belong to one class, unless it is listed "
+                    f"in shared_names (as the reference COCO-Object files need for 'bed')"
+                )
+        unused = [n for n in self.shared_names if len(owners.get(n, ())) < 2]
+        if unused:
+            raise ConfigError(f"shared_names {unused} must each appear in at least two classes")
         # duplicate synonyms inside one class are harmless: keep the first occurrence
         self.class_names = [list(dict.fromkeys(names)) for names in self.class_names]
         self.names: list[str] = [n for names in self.class_names for n in names]

@@ -93,6 +93,32 @@ def test_interrupted_bench_resumes_without_recomputing(tmp_path, capsys):
     assert {k: v["status"] for k, v in _results(run).items()} == {"first": "done", "second": "done"}
 
 
+def test_result_of_a_dataset_whose_suite_entry_changed_is_recomputed(tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_dataset(data / "first", 2, 0)
+    _write_dataset(data / "second", 2, 1)
+    suite = _suite(tmp_path / "mini.yaml", ["first", "second"])
+    run = tmp_path / "run"
+    args = ["bench", "--suite", str(suite), "--data-root", str(data), "--output", str(run), *FAST]
+    assert main(args) == 0
+    before = _results(run)
+    assert before["first"]["definition"] != before["second"]["definition"]  # other source folder
+    capsys.readouterr()
+
+    # the suite file now names the first dataset's classes differently; the second is unchanged
+    text = suite.read_text()
+    cut = text.index("  - name: second")
+    suite.write_text(text[:cut].replace('"red, crimson", green', '"red, crimson, scarlet", grass') + text[cut:])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "first: the suite's definition of this dataset changed" in out and "first: already finished" not in out
+    assert "second: already finished" in out
+    after = _results(run)
+    assert after["first"]["per_class"]["names"] == ["red", "grass", "blue"]
+    assert after["first"]["definition"] != before["first"]["definition"]
+    assert after["second"] == before["second"]
+
+
 def test_missing_dataset_is_reported_and_strict_fails(tmp_path, capsys):
     data = tmp_path / "data"
     _write_dataset(data / "present", 2, 0)

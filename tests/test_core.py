@@ -138,3 +138,83 @@ def test_per_dataset_stage_options_apply_and_reset(tmp_path):
     assert (stage.thresh, stage.topk) == (None, 3)
     with pytest.raises(ConfigError, match="no configure"):
         StageOptions(cfg, {"predictor": object()})
+
+
+# ---------------------------------------------------------------- names shared by two classes (COCO-Object 'bed')
+NAME_RGB = {"sky": (120, 170, 255), "bed": (140, 90, 40), "red": (230, 20, 20)}
+
+
+class NameColourPredictor(torch.nn.Module):
+    """Cosine between each 4x4 patch's mean colour and a fixed colour per name (centred at grey)."""
+
+    patch_size = 4
+
+    def set_classes(self, vocabulary):
+        rgb = torch.tensor([NAME_RGB[n] for n in vocabulary.names], dtype=torch.float32) / 255
+        self.text = F.normalize(rgb - 0.5, dim=1)
+
+    def forward(self, images):
+        mean = F.avg_pool2d(images, self.patch_size) - 0.5
+        return torch.einsum("bchw,qc->bqhw", F.normalize(mean, dim=1), self.text)
+
+
+def test_shared_name_keeps_both_queries_as_the_reference_class_files_do():
+    v = Vocabulary(["sky, bed", "red", "bed"], shared_names=["bed"])
+    assert v.names == ["sky", "bed", "red", "bed"] and v.name_to_class.tolist() == [0, 0, 1, 2]
+    assert v.shared_names == ("bed",)
+
+    from ovseg.refine_none import NoRefiner
+    from ovseg.segmenter import Segmenter
+
+    image = torch.zeros(3, 16, 32)
+    image[:, :, :16] = torch.tensor(NAME_RGB["red"]).view(3, 1, 1) / 255
+    image[:, :, 16:] = torch.tensor(NAME_RGB["bed"]).view(3, 1, 1) / 255
+    seg = Segmenter(NameColourPredictor(), NoRefiner(), protocol=Protocol(short_side=None, crop=None, logit_scale=50))
+    result = seg.segment(image, v)
+    # by hand, for a pixel deep inside the bed-coloured half: softmax over ALL four names, 'bed' twice
+    colour = torch.tensor(NAME_RGB["bed"], dtype=torch.float32) / 255 - 0.5
+    cos = torch.stack([F.cosine_similarity(colour, torch.tensor(NAME_RGB[n]) / 255 - 0.5, dim=0) for n in v.names])
+    p = torch.softmax(50 * cos, 0)
+    expected = torch.stack([torch.maximum(p[0], p[1]), p[2], p[3]])
+    torch.testing.assert_close(result.scores[:, 8, 28], expected)
+    assert p[1] < 0.5  # without the duplicate 'bed' alone would take most of the mass
+    # the two 'bed' queries score the same, so the tie goes to the first class: background, never class 2
+    assert torch.equal(result.scores[0, :, 16:], result.scores[2, :, 16:])
+    assert (result.labels[:, 16:] == 0).all() and (result.labels[:, :16] == 1).all()
+
+
+@pytest.mark.parametrize("classes, shared, message", [
+    (["sky, bed", "bed"], [], r"'bed' appears in class 0 \('sky'\) and class 1 \('bed'\).*shared_names"),
+    (["sky, bed", "cat"], ["bed"], r"shared_names \['bed'\] must each appear in at least two classes"),
+    (["sky", "cat"], ["dog"], r"shared_names \['dog'\] must each appear"),
+    (["sky, bed", "bed"], "bed", "shared_names must be a list of names"),
+])
+def test_shared_names_errors(classes, shared, message):
+    with pytest.raises(ConfigError, match=message):
+        Vocabulary(classes, shared)
+
+
+def test_method_class_override_carries_its_own_shared_names(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ovseg.config import dataset_vocabulary
+    from ovseg.suites import load_suite
+
+    (tmp_path / "s.yaml").write_text(
+        "datasets:\n  - name: obj\n    source: {type: demo}\n    shared_names: [bed]\n    classes: ['sky, bed', cat, bed]\n"
+        "  - name: other\n    source: {type: demo}\n    classes: [sky, cat]\n"
+    )
+    obj, other = load_suite(tmp_path / "s.yaml").datasets
+    assert obj.shared_names == ("bed",) and obj.vocabulary.names == ["sky", "bed", "cat", "bed"]
+
+    def vocab(datasets, spec=obj):
+        return dataset_vocabulary(OmegaConf.create({"name": "m", "datasets": datasets}), spec)
+
+    assert vocab({}).names == ["sky", "bed", "cat", "bed"]  # the suite's classes and shared names
+    assert vocab({"obj": {"classes": ["background", "cat", "bed"]}}).names == ["background", "cat", "bed"]
+    with pytest.raises(ConfigError, match=r"method m, dataset obj: name 'bed' appears"):
+        vocab({"obj": {"classes": ["sky, bed", "cat", "bed"]}})  # replaced classes do not inherit shared_names
+    shared = vocab({"obj": {"classes": ["sky, bed", "cat", "bed"], "shared_names": ["bed"]}})
+    assert shared.names == ["sky", "bed", "cat", "bed"]
+    with pytest.raises(ConfigError, match=r"method m, dataset other: shared_names \['bed'\] must each appear"):
+        vocab({"other": {"shared_names": ["bed"]}}, other)

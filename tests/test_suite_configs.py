@@ -57,9 +57,10 @@ def test_suite_datasets_are_complete_and_valid(suite, expected):
     allowed = folder_keys()
     for d in datasets:
         where = f"{suite}.{d['name']}"
-        vocab = Vocabulary(d["classes"])  # raises on empty or duplicated names
+        shared = d.get("shared_names", [])
+        vocab = Vocabulary(d["classes"], shared)  # raises on empty or duplicated names
         assert vocab.num_classes == expected[d["name"]], where
-        assert len(set(vocab.names)) == len(vocab.names), where
+        assert len(set(vocab.names)) == len(vocab.names) - len(shared), where  # shared: twice each
         assert d["ignore_index"] == 255, where
         Protocol.from_dict(d["protocol"], where)
         assert d["protocol"] == {"short_side": 448, "crop": 224, "stride": 112}, where
@@ -77,8 +78,11 @@ def test_standard8_label_conventions():
     voc21 = Vocabulary(by_name["voc21"]["classes"])
     assert len(voc21.class_names[0]) == 26 and voc21.class_names[15][0] == "person"  # SCLIP background line
     assert by_name["context60"]["classes"][0] == "background"
-    obj = Vocabulary(by_name["coco_object"]["classes"])
-    assert "bed" not in obj.class_names[0] and obj.class_names[60] == ["bed"]  # see the YAML comment
+    obj = Vocabulary(by_name["coco_object"]["classes"], by_name["coco_object"]["shared_names"])
+    # SCLIP's 26-name background includes 'bed', which is also class 60 (see the YAML comment)
+    assert len(obj.class_names[0]) == 26 and "bed" in obj.class_names[0] and obj.class_names[60] == ["bed"]
+    assert by_name["coco_object"]["shared_names"] == ["bed"]
+    assert [d["name"] for d in load("standard8")["datasets"] if d.get("shared_names")] == ["coco_object"]
     assert by_name["coco_object"]["source"]["label_suffix"] == "_instanceTrainIds.png"
     assert by_name["cityscapes"]["source"]["label_suffix"] == "_gtFine_labelTrainIds.png"
 
@@ -105,9 +109,11 @@ def test_mess22_structure():
 
 
 def test_lposs_class_files():
-    for name, count in (("voc21", 21), ("coco_object", 81)):
+    for name, count, shared in (("voc21", 21, []), ("coco_object", 81, ["bed"])):
         lines = (SUITES / "classes" / "lposs" / f"{name}.txt").read_text().splitlines()
-        assert Vocabulary(lines).num_classes == count
+        assert Vocabulary(lines, shared).num_classes == count
+    background = (SUITES / "classes" / "lposs" / "coco_object.txt").read_text().splitlines()[0].split(", ")
+    assert len(background) == 17 and "bed" in background  # LPOSS's 17-name COCO-Object background
 
 
 @pytest.mark.parametrize("suite, expected", [("standard8", STANDARD8), ("mess22", MESS22)])
@@ -120,7 +126,7 @@ def test_suites_load_through_the_suite_loader(suite, expected):
     assert loaded.name == suite
     assert [d.name for d in loaded.datasets] == list(expected)
     for d in loaded.datasets:
-        assert Vocabulary(d.classes).num_classes == expected[d.name], d.name
+        assert d.vocabulary.num_classes == expected[d.name], d.name
         assert isinstance(d.protocol, (Protocol, dict))
     if suite == "mess22":
         assert {d.name: d.group for d in loaded.datasets if d.group} == {

@@ -156,6 +156,8 @@ def test_load_by_path_with_classes_file(tmp_path):
     ("datasets:\n" + ENTRY + "    label_map: {a: 1}\n", r"dataset mini: `label_map` keys and values must be integers"),
     ("datasets:\n" + ENTRY + ENTRY, r"dataset name 'mini' appears twice"),
     ("datasets:\n  - name: mini\n    source: {type: demo}\n    classes: [a, 'b, a']\n", r"dataset mini: name 'a' appears"),
+    ("datasets:\n" + ENTRY + "    shared_names: green\n", r"dataset mini: `shared_names` must be a list"),
+    ("datasets:\n" + ENTRY + "    shared_names: [red]\n", r"dataset mini: shared_names \['red'\] must each appear"),
     ("datasets:\n  - name: mini\n    source: {type: demo}\n    classes_file: none.txt\n", r"dataset mini: cannot read classes_file"),
     ("datasets: []\n", r"`datasets` must be a non-empty list"),
     ("datasets: [\n", r"cannot read the suite"),
