@@ -1,6 +1,7 @@
 """Where ovseg finds its YAML configs and caches data.
 
-Configs live in the repository's top-level `configs/` (the project layout); `OVSEG_CONFIG_DIR`
+Configs live in the repository's top-level `configs/` (the project layout), reached through the
+`ovseg/configs` link; a wheel carries them as package data at the same place. `OVSEG_CONFIG_DIR`
 overrides it. Generated data (the demo suite) goes to `OVSEG_CACHE` or `~/.cache/ovseg`.
 """
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 def config_dir() -> Path:
     env = os.environ.get("OVSEG_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    return Path(env) if env else (Path(__file__).parent / "configs").resolve()
 
 
 def cache_dir() -> Path:
