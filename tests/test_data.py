@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +214,40 @@ def test_hf_label_out_of_range_names_row(hf_data, tmp_path):
     hd = HFDataset(str(tmp_path / "single"), None, "image", "annotation", conventions=LabelConventions(2))
     with pytest.raises(DatasetError, match=r"single row 1 column 'annotation'.*label values 2"):
         hd[1]
+
+
+def test_hf_hub_id_goes_to_load_dataset_with_config_split_and_revision(hf_data, monkeypatch, tmp_path):
+    datasets, ds = hf_data
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):  # stands in for the download; everything around it is real
+        calls.append((path, kwargs))
+        return ds if kwargs["split"] else datasets.DatasetDict({"validation": ds})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hd = HFDataset("someone/tiny-seg", "validation", "image", "annotation", "id", config="full", revision="v1.0",
+                   data_root=tmp_path, conventions=LabelConventions(3))
+    assert calls == [("someone/tiny-seg", {"name": "full", "split": "validation", "revision": "v1.0"})]
+    assert hd.where == "hub dataset 'someone/tiny-seg'"
+    _check_hf_samples(hd)
+    # no split asked for: a DatasetDict with one split is used as that split
+    hd = HFDataset("someone/tiny-seg", None, "image", "annotation", conventions=LabelConventions(3))
+    assert hd.split == "validation" and len(hd) == 3
+    with pytest.raises(DatasetError, match=r"hub dataset 'someone/tiny-seg' split validation: no column 'mask'"):
+        HFDataset("someone/tiny-seg", "validation", "image", "mask")
+
+
+def test_hf_hub_id_unreachable_is_missing_data_naming_the_id(tmp_path):
+    # a real `datasets.load_dataset` call in offline mode (this machine has no hub access either way)
+    script = (
+        "from ovseg.data import HFDataset, MissingDataError\n"
+        "try:\n    HFDataset('someone/not-cached-anywhere', 'validation')\n"
+        "except MissingDataError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "ds")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("hub dataset 'someone/not-cached-anywhere': could not be loaded with `datasets`")
 
 
 def test_hf_missing_local_path(tmp_path):
