@@ -229,9 +229,6 @@ class StageOptions:
 
 def build_segmenter(cfg: DictConfig | str | Path | None = None, protocol: Protocol | None = None):
     """Build a `Segmenter` from a method config (path, name or loaded config)."""
-    from .registry import build_extractor, build_predictor, build_refiner
-    from .segmenter import Segmenter
-
     if not isinstance(cfg, DictConfig):
         cfg = load_method(cfg)
     try:
