@@ -1,6 +1,5 @@
 """Core contracts: vocabulary, window geometry and merging, protocol sizes, thresholds."""
 
-import math
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ from ovseg.protocol import Protocol
 from ovseg.refine_none import NoRefiner
 from ovseg.segmenter import Segmenter
 from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD, prepare_images
-from ovseg_pgseg.decode import background_groups, group_class_probs, paper_group_scores, topk_class_mask
+from ovseg_pgseg.decode import background_groups, paper_group_scores, topk_class_mask
 from ovseg_pgseg.grouping import PrototypeReconstruction
 
 TINY = dict(
