@@ -1,6 +1,5 @@
 """Core contracts: vocabulary, window geometry and merging, protocol sizes, thresholds."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
