@@ -135,8 +135,9 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _definition(spec, vocabulary, protocol) -> str:
-    """Digest of what the suite fixes about a dataset's numbers: source, labels, classes, protocol.
+    """Digest of what fixes a dataset's numbers besides the method: source, labels, classes, protocol.
 
+    Classes and protocol are the effective ones (suite entry, then method and command-line layers).
     The run folder's identity holds the method and the suite's name but not the suite's content, so a
     result saved before the suite file changed (other class names, label conventions, protocol) must
     not be reused: each result records this digest and is recomputed when it no longer matches.
