@@ -49,7 +49,7 @@ def patch_inputs(classes: int, seed: int = 0):
     """Clustered unit features of the 15 windows' patches, their centres, uniform scores."""
     import torch
 
-    from ovseg.windows import sliding_windows
+    from ovseg.pipeline.windows import sliding_windows
 
     boxes = sliding_windows(HEIGHT, WIDTH, CROP, STRIDE)
     g = CROP // 16

@@ -1,9 +1,10 @@
 """ovseg: open-vocabulary semantic segmentation, composed from pluggable stages and benchmarked fairly."""
 
-from .registry import build_extractor, build_predictor, build_refiner, list_plugins
+from .pipeline.factory import build_extractor, build_predictor, build_refiner
+from .registry import list_plugins
+from .version import __version__
 
 __all__ = ["build_predictor", "build_extractor", "build_refiner", "list_plugins", "load_segmenter", "__version__"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name):

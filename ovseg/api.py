@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.io import IMAGE_EXTENSIONS, open_image, rgb_array
+from .evaluation.data.io import IMAGE_EXTENSIONS, open_image, rgb_array
 from .errors import ConfigError
-from .segmenter import Segmentation, Segmenter
-from .protocol import PRECISIONS
-from .vocabulary import Vocabulary
+from .pipeline.segmenter import Segmentation, Segmenter
+from .pipeline.protocol import PRECISIONS
+from .pipeline.vocabulary import Vocabulary
 
 #: files `ovseg predict` picks from a folder: the dataset image types plus formats people keep photos in
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS + (".gif", ".ppm", ".pgm", ".pnm")
@@ -54,7 +54,7 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB, upright by its EXIF orientation, transparency on white.
 
-    Decoded by the same code as dataset images (`ovseg.data.io`); raises DatasetError naming the file
+    Decoded by the same code as dataset images (`ovseg.evaluation.data.io`); raises DatasetError naming the file
     when it is missing or unreadable.
     """
     return rgb_array(open_image(path, str(path)), str(path), background=WHITE)
@@ -183,7 +183,7 @@ def load_segmenter(
     `cpu`, `gpu`, `mps` or a torch device; `precision` as `--precision` (`*-mixed` precisions apply
     in `ovseg predict`; here wrap calls in `ovseg.api.autocast` yourself).
     """
-    from .config import dataset_protocol, resolve_method
+    from .evaluation.methods import dataset_protocol, resolve_method
 
     cfg, protocol_overrides = resolve_method(method, overrides, predictor=predictor, extractor=extractor,
                                              refiner=refiner)
@@ -192,7 +192,7 @@ def load_segmenter(
 
 def from_config(cfg, protocol, device="auto", precision: str = "32-true") -> ImageSegmenter:
     """An `ImageSegmenter` for a resolved method config and protocol, placed on `device`."""
-    from .config import build_segmenter
+    from .evaluation.methods import build_segmenter
 
     base = build_segmenter(cfg, protocol)
     seg = ImageSegmenter(base.predictor, base.refiner, base.extractor, base.protocol)

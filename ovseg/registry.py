@@ -9,7 +9,6 @@ when it is first built, so `import ovseg` never imports torch models.
 from __future__ import annotations
 
 import difflib
-import inspect
 import importlib.metadata as metadata
 from dataclasses import dataclass
 from typing import Any
@@ -80,43 +79,3 @@ def load_plugin(kind: str, name: str) -> Any:
             f"{kind} plugin {name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}"
         ) from exc
     return obj
-
-
-def _build(kind: str, base: type, name: str, cfg: dict[str, Any]):
-    cls = load_plugin(kind, name)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(
-            f"{kind} plugin {name!r} resolves to {cls!r}, which is not a subclass of {base.__module__}.{base.__name__}"
-        )
-    try:
-        inspect.signature(cls).bind(**cfg)
-    except TypeError as exc:
-        raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
-    try:
-        return cls(**cfg)
-    except TypeError as exc:
-        # nn.Module.__init__(*args, **kwargs) hides a plugin without its own __init__ from the check above
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
-
-
-def build_predictor(name: str, **cfg: Any):
-    """Build the VLM predictor registered as `name` with keyword configuration `cfg`."""
-    from .stages import VLMPredictor
-
-    return _build("predictor", VLMPredictor, name, cfg)
-
-
-def build_extractor(name: str, **cfg: Any):
-    """Build the feature extractor registered as `name`."""
-    from .stages import FeatureExtractor
-
-    return _build("extractor", FeatureExtractor, name, cfg)
-
-
-def build_refiner(name: str, **cfg: Any):
-    """Build the refiner registered as `name`."""
-    from .stages import Refiner
-
-    return _build("refiner", Refiner, name, cfg)

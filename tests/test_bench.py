@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovseg.cli import main
+from ovseg.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "methods" / "tiny.yaml")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovseg.cli import main
-from ovseg.suites import load_suite
+from ovseg.cli.main import main
+from ovseg.evaluation.suites import load_suite
 
 from .test_bench import FAST
 

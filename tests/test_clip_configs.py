@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ovseg.protocol import Protocol
+from ovseg.pipeline.protocol import Protocol
 from ovseg.registry import load_plugin
 
 ROOT = Path(__file__).resolve().parent.parent / "configs" / "methods"

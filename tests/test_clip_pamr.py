@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ovseg import build_refiner
 from ovseg.errors import ConfigError
-from ovseg.windows import merge_windows, sliding_windows
+from ovseg.pipeline.windows import merge_windows, sliding_windows
 
 
 def _kernels(kind: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ovseg import build_predictor
 from ovseg.errors import ConfigError, WeightsError
-from ovseg.vocabulary import Vocabulary
+from ovseg.pipeline.vocabulary import Vocabulary
 
 METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip"]
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.protocol import Protocol
-from ovseg.segmenter import apply_thresholds
-from ovseg.vocabulary import Vocabulary
-from ovseg.windows import merge_windows, sliding_windows
+from ovseg.pipeline.protocol import Protocol
+from ovseg.pipeline.segmenter import apply_thresholds
+from ovseg.pipeline.vocabulary import Vocabulary
+from ovseg.pipeline.windows import merge_windows, sliding_windows
 
 
 def test_vocabulary_synonyms_order_and_reduce():
@@ -113,7 +113,7 @@ def test_thresholds_follow_sclip():
 def test_per_dataset_stage_options_apply_and_reset(tmp_path):
     from omegaconf import OmegaConf
 
-    from ovseg.config import StageOptions
+    from ovseg.evaluation.methods import StageOptions
 
     class Stage:
         def __init__(self):
@@ -161,8 +161,8 @@ def test_shared_name_keeps_both_queries_as_the_reference_class_files_do():
     assert v.names == ["sky", "bed", "red", "bed"] and v.name_to_class.tolist() == [0, 0, 1, 2]
     assert v.shared_names == ("bed",)
 
-    from ovseg.refine_none import NoRefiner
-    from ovseg.segmenter import Segmenter
+    from ovseg.pipeline.refiners import NoRefiner
+    from ovseg.pipeline.segmenter import Segmenter
 
     image = torch.zeros(3, 16, 32)
     image[:, :, :16] = torch.tensor(NAME_RGB["red"]).view(3, 1, 1) / 255
@@ -195,8 +195,8 @@ def test_shared_names_errors(classes, shared, message):
 def test_method_class_override_carries_its_own_shared_names(tmp_path):
     from omegaconf import OmegaConf
 
-    from ovseg.config import dataset_vocabulary
-    from ovseg.suites import load_suite
+    from ovseg.evaluation.methods import dataset_vocabulary
+    from ovseg.evaluation.suites import load_suite
 
     (tmp_path / "s.yaml").write_text(
         "datasets:\n  - name: obj\n    source: {type: demo}\n    shared_names: [bed]\n    classes: ['sky, bed', cat, bed]\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg.data import (
+from ovseg.evaluation.data import (
     DatasetStatus,
     FolderDataset,
     HFDataset,
@@ -21,7 +21,7 @@ from ovseg.data import (
     check_dataset,
 )
 from ovseg.errors import ConfigError, DatasetError
-from ovseg.suites import parse_suite
+from ovseg.evaluation.suites import parse_suite
 
 
 def rgb(h, w, seed=0):
@@ -240,7 +240,7 @@ def test_hf_hub_id_goes_to_load_dataset_with_config_split_and_revision(hf_data, 
 def test_hf_hub_id_unreachable_is_missing_data_naming_the_id(tmp_path):
     # a real `datasets.load_dataset` call in offline mode (this machine has no hub access either way)
     script = (
-        "from ovseg.data import HFDataset, MissingDataError\n"
+        "from ovseg.evaluation.data import HFDataset, MissingDataError\n"
         "try:\n    HFDataset('someone/not-cached-anywhere', 'validation')\n"
         "except MissingDataError as exc:\n    print(exc)\n"
     )

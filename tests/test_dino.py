@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ovseg import build_extractor
 from ovseg.errors import WeightsError
-from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD
+from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD
 
 TINY = dict(model="vit_tiny_patch16_224", pretrained="random", model_kwargs={"depth": 2})
 TINY_V2 = dict(

@@ -15,8 +15,8 @@ scipy_sparse = pytest.importorskip("scipy.sparse")
 from scipy.sparse import linalg as sla  # noqa: E402
 
 from ovseg import build_refiner  # noqa: E402
-from ovseg.metrics import BoundaryIoU, IoU  # noqa: E402
-from ovseg.windows import merge_windows, sliding_windows  # noqa: E402
+from ovseg.evaluation.metrics import BoundaryIoU, IoU  # noqa: E402
+from ovseg.pipeline.windows import merge_windows, sliding_windows  # noqa: E402
 from ovseg_lposs import propagate_patches, propagate_pixels  # noqa: E402
 from ovseg_lposs.cg import block_cg  # noqa: E402
 from ovseg_lposs.pixel_lp import lab_image  # noqa: E402

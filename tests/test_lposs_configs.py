@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ovseg.config import load_method, stage_kwargs
+from ovseg.evaluation.methods import load_method, stage_kwargs
 from ovseg.errors import WeightsError
-from ovseg.protocol import Protocol
+from ovseg.pipeline.protocol import Protocol
 from ovseg.registry import load_plugin
 
 PAPER = dict(k=400, gamma=3.0, sigma=0.01, pix_dist_pow=1.0, alpha=0.95, tol=1e-6, maxiter=10)

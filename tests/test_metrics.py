@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ovseg.metrics import BoundaryIoU, IoU, _max_filter_1d, boundary_width
+from ovseg.evaluation.metrics import BoundaryIoU, IoU, _max_filter_1d, boundary_width
 
 IGNORE = 255
 

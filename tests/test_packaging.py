@@ -34,8 +34,8 @@ def test_wheel_install_finds_its_configs(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, cwd=tmp_path)
     script = """
 import ovseg, ovseg.paths
-from ovseg.config import load_method
-from ovseg.suites import load_suite
+from ovseg.evaluation.methods import load_method
+from ovseg.evaluation.suites import load_suite
 print(ovseg.__file__)
 print(ovseg.paths.config_dir())
 print(load_method("lposs_plus").refiner.name, load_suite("standard8")["coco_object"].shared_names)

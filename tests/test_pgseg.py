@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from ovseg import build_predictor
-from ovseg.config import dataset_protocol, load_method, stage_kwargs
+from ovseg.evaluation.methods import dataset_protocol, load_method, stage_kwargs
 from ovseg.errors import ConfigError, WeightsError
-from ovseg.protocol import Protocol
-from ovseg.refine_none import NoRefiner
-from ovseg.segmenter import Segmenter
-from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD, prepare_images
+from ovseg.pipeline.protocol import Protocol
+from ovseg.pipeline.refiners import NoRefiner
+from ovseg.pipeline.segmenter import Segmenter
+from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from ovseg_pgseg.decode import background_groups, paper_group_scores, topk_class_mask
 from ovseg_pgseg.grouping import PrototypeReconstruction
 

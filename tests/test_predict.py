@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ovseg.registry as registry
-from ovseg.cli import main
-from ovseg.stages import VLMPredictor
+from ovseg.cli.main import main
+from ovseg.pipeline.stages import VLMPredictor
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "methods" / "tiny.yaml"

@@ -12,7 +12,7 @@ from ovseg.registry import load_plugin
 
 PLUGIN = '''
 import torch
-from ovseg.stages import Refiner
+from ovseg.pipeline.stages import Refiner
 
 class ConstantRefiner(Refiner):
     """Returns the mean window score everywhere: enough to prove the class was built."""

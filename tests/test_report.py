@@ -1,6 +1,6 @@
 """Results aggregation on hand-written run folders: the numbers are computed by hand here.
 
-The run folders are written the way `ovseg.bench` writes them (config.yaml + datasets/<name>.json),
+The run folders are written the way `ovseg bench` writes them (config.yaml + datasets/<name>.json),
 so these tests pin the aggregation rules, not the engine.
 """
 
@@ -22,6 +22,7 @@ from ovseg.report import (
     load_run,
     pct,
     summarize,
+    summary_markdown,
     write_summary,
 )
 
@@ -134,7 +135,7 @@ def test_missing_and_failed_entries_are_reported_not_dropped(tmp_path):
     assert s.mean.miou == pytest.approx(sum(done) / 18)
     assert s.domains["Agriculture and Biology"].n_done == 1
 
-    md = write_summary(run).to_markdown()
+    md = summary_markdown(write_summary(run))
     assert "over 18 of 22 entries only" in md and "not comparable" in md
     assert "CUDA out of memory" in md and "unreadable result file" in md and "no result file" in md
     assert "paxray_bones missing" in md
@@ -170,7 +171,7 @@ def test_limit_and_missing_config_are_handled(tmp_path):
     run = write_run(tmp_path / "run", [{"dataset": "voc21", "miou": 0.5, "limit": 3}], config=False)
     s = summarize(load_run(run))
     assert s.method == "lposs_plus" and s.suite == "standard8" and s.limit == 3 and s.mean.complete
-    assert "limited to the first 3 images" in s.to_markdown()
+    assert "limited to the first 3 images" in summary_markdown(s)
 
 
 def test_load_run_refuses_what_is_not_a_run(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ovseg.protocol import Protocol
-from ovseg.vocabulary import Vocabulary
+from ovseg.pipeline.protocol import Protocol
+from ovseg.pipeline.vocabulary import Vocabulary
 
 SUITES = Path(__file__).resolve().parent.parent / "configs" / "suites"
 
@@ -39,7 +39,7 @@ def load(name: str) -> dict:
 def folder_keys() -> set[str]:
     """Options the folder source accepts: its constructor's parameters when importable."""
     try:
-        from ovseg.data.folder import FolderDataset
+        from ovseg.evaluation.data.folder import FolderDataset
     except ImportError:
         return FOLDER_KEYS
     params = set(inspect.signature(FolderDataset.__init__).parameters) - {"self", "conventions"}
@@ -119,9 +119,9 @@ def test_lposs_class_files():
 @pytest.mark.parametrize("suite, expected", [("standard8", STANDARD8), ("mess22", MESS22)])
 def test_suites_load_through_the_suite_loader(suite, expected):
     try:
-        from ovseg.suites import load_suite
+        from ovseg.evaluation.suites import load_suite
     except ImportError as exc:
-        pytest.skip(f"ovseg.suites.load_suite is not importable yet ({exc}); the YAML checks above still ran")
+        pytest.skip(f"ovseg.evaluation.suites.load_suite is not importable yet ({exc}); the YAML checks above still ran")
     loaded = load_suite(suite)
     assert loaded.name == suite
     assert [d.name for d in loaded.datasets] == list(expected)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import ovseg.data.demo as demo
-from ovseg.data import DemoSource, FolderSource, check_dataset
+import ovseg.evaluation.data.demo as demo
+from ovseg.evaluation.data import DemoSource, FolderSource, check_dataset
 from ovseg.errors import ConfigError, PluginError
-from ovseg.suites import DatasetSpec, Suite, load_suite
+from ovseg.evaluation.suites import DatasetSpec, Suite, load_suite
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ The numbers users quote come from here, so the rules are explicit (and tested):
   entries it is and names what is not in it;
 - percent values are shown like mmseg (`np.round(x * 100, 2)`); CSVs also keep the unrounded fraction.
 
-Run folder (written by `ovseg.bench`): `config.yaml` and `datasets/<name>.json`; this package adds
+Run folder (written by `ovseg bench`): `config.yaml` and `datasets/<name>.json`; this package adds
 `summary.csv` and `summary.md`. Only stdlib, PyYAML (via omegaconf) and, for the chart, matplotlib.
 
 Modules: `results` reads a run folder, `summary` computes entries and means, `summary_files` writes
@@ -21,9 +21,10 @@ from .compare import compare_runs, comparison_table, run_labels
 from .numbers import pct
 from .results import DatasetResult, RunResults, load_run
 from .summary import Entry, Mean, Summary, summarize
-from .summary_files import RANDOM_WEIGHTS_LINE, write_summary
+from .summary_files import RANDOM_WEIGHTS_LINE, summary_markdown, summary_rows, write_summary
 
 __all__ = [
     "RANDOM_WEIGHTS_LINE", "DatasetResult", "Entry", "Mean", "RunResults", "Summary", "compare_runs",
-    "comparison_table", "load_run", "pct", "run_labels", "summarize", "write_summary",
+    "comparison_table", "load_run", "pct", "run_labels", "summarize", "summary_markdown", "summary_rows",
+    "write_summary",
 ]

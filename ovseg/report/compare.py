@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OvsegError
+from ovseg.errors import OvsegError
 from .numbers import fmt, mean_of, pct
 from .results import load_run
 from .summary import Entry, Summary, summarize

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import OvsegError
+from ovseg.errors import OvsegError
 from .numbers import finite_or_none
 
 STATUSES = ("done", "missing", "failed")
@@ -80,7 +80,7 @@ def _suite_metadata(suite: str | None) -> dict[str, dict]:
     """
     if not suite:
         return {}
-    from ..paths import config_dir
+    from ovseg.paths import config_dir
 
     path = config_dir() / "suites" / f"{suite}.yaml"
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .numbers import mean_of, pct
 from .results import DatasetResult, RunResults
@@ -78,16 +78,6 @@ class Summary:
     @property
     def label(self) -> str:
         return self.method or self.run_name
-
-    def to_markdown(self) -> str:
-        from .summary_files import summary_markdown  # the file formats build on this model, not the reverse
-
-        return summary_markdown(self)
-
-    def rows(self) -> list[dict[str, Any]]:
-        from .summary_files import summary_rows
-
-        return summary_rows(self)
 
 
 def _group_title(group: str, members: Sequence[DatasetResult]) -> str:

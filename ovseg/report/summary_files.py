@@ -135,6 +135,6 @@ def write_summary(run_dir: str | Path) -> Summary:
     """Summarise a run folder and write `summary.csv` and `summary.md` into it."""
     summary = summarize(load_run(run_dir))
     run_dir = Path(run_dir)
-    write_csv(run_dir / "summary.csv", CSV_COLUMNS, summary.rows())
-    (run_dir / "summary.md").write_text(summary.to_markdown())
+    write_csv(run_dir / "summary.csv", CSV_COLUMNS, summary_rows(summary))
+    (run_dir / "summary.md").write_text(summary_markdown(summary))
     return summary

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.stages import Refiner
-from ovseg.windows import merge_windows
+from ovseg.pipeline.stages import Refiner
+from ovseg.pipeline.windows import merge_windows
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.stages import VLMPredictor, module_dtype, prepare_images
-from ovseg.vocabulary import Vocabulary
+from ovseg.pipeline.stages import VLMPredictor, module_dtype, prepare_images
+from ovseg.pipeline.vocabulary import Vocabulary
 
 from .dense import LAST_BLOCKS, LastBlock, check_vit, cosine_scores, dense_features, naclip_block
 from .templates import get_templates

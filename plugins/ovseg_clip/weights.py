@@ -48,7 +48,7 @@ from open_clip.model import (
 )
 
 from ovseg.errors import ConfigError, WeightsError
-from ovseg.stages import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ovseg.pipeline.stages import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 log = logging.getLogger(__name__)
 

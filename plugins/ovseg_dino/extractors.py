@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, module_dtype, prepare_images
+from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, module_dtype, prepare_images
 
 from . import weights
 

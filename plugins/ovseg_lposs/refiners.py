@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.stages import Refiner
-from ovseg.windows import merge_windows
+from ovseg.pipeline.stages import Refiner
+from ovseg.pipeline.windows import merge_windows
 
 from .patch_lp import propagate_patches
 from .pixel_lp import propagate_pixels

@@ -29,8 +29,8 @@ from typing import Sequence
 import torch
 
 from ovseg.errors import ConfigError
-from ovseg.stages import IMAGENET_MEAN, IMAGENET_STD, VLMPredictor, module_dtype, prepare_images
-from ovseg.vocabulary import Vocabulary
+from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, VLMPredictor, module_dtype, prepare_images
+from ovseg.pipeline.vocabulary import Vocabulary
 
 from .checkpoint import load_release_weights
 from .decode import assignment_to_pixels, one_hot_groups, paper_group_scores

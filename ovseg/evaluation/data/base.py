@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 from .conventions import LabelConventions
 from .io import image_tensor, label_array
 

@@ -27,10 +27,10 @@ from omegaconf.errors import OmegaConfBaseException
 #: what a malformed YAML file or key=value override can raise
 CONFIG_ERRORS = (OmegaConfBaseException, yaml.YAMLError, ValueError)
 
-from .errors import ConfigError, WeightsError
-from .paths import config_dir
-from .protocol import Protocol
-from .vocabulary import Vocabulary
+from ovseg.errors import ConfigError, WeightsError
+from ovseg.paths import config_dir
+from ovseg.pipeline.protocol import Protocol
+from ovseg.pipeline.vocabulary import Vocabulary
 
 DEFAULT_METHOD = "lposs_plus"
 METHOD_KEYS = {"name", "description", "predictor", "extractor", "refiner", "protocol", "datasets", "published"}
@@ -238,8 +238,8 @@ def build_segmenter(cfg: DictConfig | str | Path | None = None, protocol: Protoc
 
 
 def _build_segmenter(cfg: DictConfig, protocol: Protocol | None):
-    from .registry import build_extractor, build_predictor, build_refiner
-    from .segmenter import Segmenter
+    from ovseg.pipeline.factory import build_extractor, build_predictor, build_refiner
+    from ovseg.pipeline.segmenter import Segmenter
 
     name, kwargs = stage_kwargs(cfg.predictor)
     predictor = build_predictor(name, **kwargs)

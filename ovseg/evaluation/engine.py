@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ConfigError, DatasetError
+from ovseg.errors import ConfigError, DatasetError
 from .metrics import BoundaryIoU, IoU
-from .segmenter import Segmenter
-from .vocabulary import Vocabulary
+from ovseg.pipeline.segmenter import Segmenter
+from ovseg.pipeline.vocabulary import Vocabulary
 
 
 # predict_step returns None on purpose (metrics only) and the device banners repeat once per dataset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 from .base import MissingDataError
 
 

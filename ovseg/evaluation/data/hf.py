@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 from .base import MissingDataError, SegmentationDataset
 from .conventions import LabelConventions
 

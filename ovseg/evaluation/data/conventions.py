@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 
 #: raw values up to this go through a lookup table; larger ones (32-bit labels) through np.unique
 _LUT_LIMIT = 1 << 16

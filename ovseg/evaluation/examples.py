@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .visualize import overlay
+from ovseg.visualize import overlay
 
 
 class ExampleWriter:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
-from .errors import ConfigError, DatasetError
-from .visualize import label_png, overlay
-from .vocabulary import Vocabulary
+from ovseg.api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
+from ovseg.errors import ConfigError, DatasetError
+from ovseg.visualize import label_png, overlay
+from ovseg.pipeline.vocabulary import Vocabulary
 
 
 @dataclass
@@ -98,7 +98,7 @@ def split_inputs(inputs: list, overrides: list) -> tuple[list[Path], list[str]]:
     puts the override among the inputs; an item is an override when it has the form key=value with a
     method-config key (`refiner.k=200`, `protocol.crop=448`) and is not an existing path.
     """
-    from .config import METHOD_KEYS
+    from ovseg.evaluation.methods import METHOD_KEYS
 
     paths, extra = [], []
     for item in inputs:
@@ -130,8 +130,8 @@ def run_predict(args, log=print, err=None) -> int:
     """Run `ovseg predict` for parsed CLI `args`; returns the exit code (0, or 1 if an image failed)."""
     from tqdm import tqdm
 
-    from .cli import resolve_method
-    from .config import dataset_protocol
+    from .arguments import method_from_args
+    from ovseg.evaluation.methods import dataset_protocol
 
     err = err or (lambda msg: print(msg, file=sys.stderr))
     # checks that need no image and no model come first, so a typo costs nothing
@@ -139,7 +139,7 @@ def run_predict(args, log=print, err=None) -> int:
     precision = check_precision(args.precision)
     device = resolve_device(args.accelerator)
     args.inputs, args.overrides = split_inputs(args.inputs, args.overrides)
-    cfg, protocol_overrides = resolve_method(args)  # malformed overrides raise ConfigError there
+    cfg, protocol_overrides = method_from_args(args)  # malformed overrides raise ConfigError there
     protocol = dataset_protocol(cfg, final=protocol_overrides)
     images, failures = expand_inputs(args.inputs)
     for failure in failures:

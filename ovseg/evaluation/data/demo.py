@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DatasetError
-from ..paths import cache_dir
+from ovseg.errors import DatasetError
+from ovseg.paths import cache_dir
 
 GENERATOR_VERSION = 1
 SEED = 2025

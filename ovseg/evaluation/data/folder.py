@@ -13,7 +13,7 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 from .base import MissingDataError, SegmentationDataset
 from .conventions import LabelConventions
 from .io import IMAGE_EXTENSIONS

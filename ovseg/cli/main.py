@@ -9,25 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import OvsegError
-from .protocol import ACCELERATORS, PRECISIONS
+from ovseg.errors import OvsegError
+
+from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
 
 EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
-
-
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="method config: a YAML path or a name in configs/methods (default: lposs_plus)")
-    p.add_argument("--predictor", help="replace the method's VLM predictor (plugin defaults), e.g. sclip")
-    p.add_argument("--extractor", help="replace the method's feature extractor, e.g. dino (or 'null')")
-    p.add_argument("--refiner", help="replace the method's refiner, e.g. none, lposs, lposs_plus")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-
-def _add_device_args(p: argparse.ArgumentParser, devices: bool = True) -> None:
-    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="default: auto (a GPU when visible)")
-    if devices:
-        p.add_argument("--devices", default="1", help="number of devices (DDP when > 1), or 'auto'")
-    p.add_argument("--precision", default="32-true", choices=PRECISIONS, help="default: 32-true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="evaluate a method on a suite", epilog=EPILOG)
     b.add_argument("--suite", default="demo", help="suite name (demo, standard8, mess22) or YAML path")
-    _add_method_args(b)
-    _add_device_args(b)
+    add_method_args(b)
+    add_device_args(b)
     b.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP (torchrun / SLURM)")
     b.add_argument("--data-root", type=Path, help="folder holding prepared datasets (env OVSEG_DATA_ROOT)")
     b.add_argument("--output", type=Path, help="run folder (default: runs/<suite>/<method>-<config hash>)")
@@ -53,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment your own images with free-text class names", epilog=EPILOG)
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--classes", required=True, help='classes separated by ";", synonyms by ",": "cow; grass; sky, clouds"')
-    _add_method_args(p)
-    _add_device_args(p, devices=False)
+    add_method_args(p)
+    add_device_args(p, devices=False)
     p.add_argument("--output", type=Path, default=Path("predictions"), help="output folder")
     p.add_argument("--save-scores", action="store_true", help="also write per-class score maps (.npy)")
 
@@ -62,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, devices and paths, for bug reports")
 
     d = sub.add_parser("download", help="fetch the weights a method needs into the local cache")
-    _add_method_args(d)
+    add_method_args(d)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -78,32 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _devices(value: str):
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError as exc:
-        raise OvsegError(f"--devices must be a number or 'auto', got {value!r}") from exc
-    if n < 1:
-        raise OvsegError(f"--devices must be at least 1, got {n}")
-    return n
-
-
-def resolve_method(args):
-    """Method config with the stage flags and overrides applied; returns (cfg, protocol overrides)."""
-    from .config import resolve_method as resolve
-
-    return resolve(args.method, args.overrides, predictor=args.predictor, extractor=args.extractor,
-                   refiner=args.refiner)
-
-
 def cmd_bench(args) -> int:
     from omegaconf import OmegaConf
 
-    from .bench import BenchOptions, run_bench
+    from ovseg.evaluation.bench import BenchOptions, run_bench
 
-    cfg, protocol_overrides = resolve_method(args)
+    cfg, protocol_overrides = method_from_args(args)
     suite_name = Path(args.suite).stem if args.suite.endswith((".yaml", ".yml")) else args.suite
     output = args.output
     if output is None:
@@ -114,7 +80,7 @@ def cmd_bench(args) -> int:
         output=output,
         data_root=args.data_root,
         accelerator=args.accelerator,
-        devices=_devices(args.devices),
+        devices=devices_arg(args.devices),
         num_nodes=args.num_nodes,
         precision=args.precision,
         num_workers=args.num_workers,
@@ -126,18 +92,29 @@ def cmd_bench(args) -> int:
         progress=not args.no_progress,
         save_examples=args.save_examples,
     )
-    summary = run_bench(args.suite, cfg, opts)
-    if summary is not None:
-        md = Path(output) / "summary.md"
-        if md.exists():
-            print(md.read_text())
+    run = run_bench(args.suite, cfg, opts)
+    if run is not None:
+        finish_bench(run)
     return 0
 
 
+def finish_bench(run) -> None:
+    """Rank 0 after a bench: summary files, the W&B comparison table, and the summary on screen."""
+    from ovseg.report import comparison_table, summary_markdown, write_summary
+
+    summary = write_summary(run.run_dir)
+    if run.logger is not None:
+        columns, rows = comparison_table([summary])
+        run.logger.log_table(key="comparison", columns=columns, data=rows)
+        run.logger.finalize("success")
+    print(f"summary: {run.run_dir / 'summary.md'}")
+    print(summary_markdown(summary))
+
+
 def cmd_list(args) -> int:
-    from .config import method_path
-    from .paths import config_dir
-    from .registry import list_plugins
+    from ovseg.evaluation.methods import method_path
+    from ovseg.paths import config_dir
+    from ovseg.registry import list_plugins
 
     for kind, infos in list_plugins().items():
         print(f"{kind}s:")
@@ -155,8 +132,8 @@ def cmd_env(args) -> int:
 
     import torch
 
-    from .bench import environment
-    from .paths import cache_dir, config_dir, data_root
+    from ovseg.evaluation.bench import environment
+    from ovseg.paths import cache_dir, config_dir, data_root
 
     env = environment()
     print(f"ovseg {env['ovseg']}  python {env['python']}  {platform.platform()}")
@@ -170,9 +147,9 @@ def cmd_env(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .config import build_segmenter
+    from ovseg.evaluation.methods import build_segmenter
 
-    cfg, _ = resolve_method(args)
+    cfg, _ = method_from_args(args)
     segmenter = build_segmenter(cfg)
     names = [type(m).__name__ for m in (segmenter.predictor, segmenter.extractor) if m is not None]
     print(f"weights for method {cfg.name} ({', '.join(names)}) are in the local cache")
@@ -180,9 +157,9 @@ def cmd_download(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data import check_dataset
-    from .paths import data_root
-    from .suites import load_suite
+    from ovseg.evaluation.data import check_dataset
+    from ovseg.paths import data_root
+    from ovseg.evaluation.suites import load_suite
 
     suite = load_suite(args.suite)
     root = args.data_root or data_root()
@@ -197,14 +174,14 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .report import compare_runs
+    from ovseg.report import compare_runs
 
     paths = compare_runs(args.runs, args.output)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     if args.wandb:
-        from .report import comparison_table, load_run, summarize
-        from .wandb_logging import make_wandb_logger
+        from ovseg.report import comparison_table, load_run, summarize
+        from ovseg.evaluation.wandb_logging import make_wandb_logger
 
         logger = make_wandb_logger(args.wandb, args.output, {"runs": [str(r) for r in args.runs]})
         columns, rows = comparison_table([summarize(load_run(r)) for r in args.runs])
@@ -250,5 +227,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DatasetError
+from ovseg.errors import DatasetError
 
 #: extensions recognised as images when a folder source gives no `image_suffix`
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -13,7 +13,7 @@ Schema of a suite file (`configs/suites/<name>.yaml`)::
         source: {type: folder, root: VOCdevkit/VOC2012, images: JPEGImages, labels: SegmentationClass,
                  image_suffix: .jpg, label_suffix: .png, split_file: ImageSets/Segmentation/val.txt}
           # or {type: hf, path: ..., split: validation, image_column: image, label_column: annotation}
-          # or {type: demo}  (the generated demo dataset); all keys: ovseg.data.sources
+          # or {type: demo}  (the generated demo dataset); all keys: ovseg.evaluation.data.sources
         classes: ["background, sky, wall", aeroplane, ...]   # synonyms comma-separated, or a list
         # or classes_file: classes/voc21.txt   (relative to the suite file; one class per line)
         shared_names: [bed]             # optional: names allowed in two classes (ovseg.vocabulary)
@@ -25,7 +25,7 @@ Schema of a suite file (`configs/suites/<name>.yaml`)::
 Source roots are relative to the data root (`--data-root` / `OVSEG_DATA_ROOT`) unless absolute.
 Unknown keys, missing fields and invalid values raise a ConfigError naming the suite file and the
 dataset. `DatasetSpec.protocol` keeps only the keys the suite sets (a mapping), so method configs
-and the command line can be layered on top (`ovseg.config.dataset_protocol`).
+and the command line can be layered on top (`ovseg.evaluation.methods.dataset_protocol`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
-from .paths import config_dir
-from .protocol import Protocol
+from ovseg.errors import ConfigError
+from ovseg.paths import config_dir
+from ovseg.pipeline.protocol import Protocol
 
 _SUITE_KEYS = {"name", "description", "datasets"}
 _DATASET_KEYS = {
@@ -53,7 +53,7 @@ class DatasetSpec:
     """One dataset of a suite: where its data is, its classes, label conventions and protocol."""
 
     name: str
-    source: Any  # ovseg.data.sources.FolderSource | HFSource | DemoSource
+    source: Any  # ovseg.evaluation.data.sources.FolderSource | HFSource | DemoSource
     classes: list
     title: str
     domain: str | None = None
@@ -71,7 +71,7 @@ class DatasetSpec:
 
     @property
     def vocabulary(self):
-        from .vocabulary import Vocabulary
+        from ovseg.pipeline.vocabulary import Vocabulary
 
         return Vocabulary(self.classes, self.shared_names)
 
@@ -137,7 +137,7 @@ def resolve_suite_path(name_or_path: str | os.PathLike) -> Path:
         if not path.is_file():
             raise ConfigError(f"suite file {path} does not exist")
         return path
-    from .registry import load_plugin
+    from ovseg.registry import load_plugin
 
     path = Path(load_plugin("suite", str(name_or_path))())
     if not path.is_file():
@@ -189,7 +189,7 @@ def _read_classes_file(file: str, where: str, path: Path | None) -> list[str]:
 
 def _parse_dataset(entry: Any, index: int, where: str, path: Path | None) -> DatasetSpec:
     from .data.sources import parse_source
-    from .vocabulary import Vocabulary
+    from ovseg.pipeline.vocabulary import Vocabulary
 
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: datasets[{index}] must be a mapping, got {entry!r}")

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Union, get_type_hints
 
-from ..errors import ConfigError
+from ovseg.errors import ConfigError
 from .base import MissingDataError, SegmentationDataset
 from .conventions import LabelConventions
 
@@ -30,7 +30,7 @@ def resolve_root(root: str, data_root: str | os.PathLike | None) -> Path:
     if path.is_absolute():
         return path
     if data_root is None:
-        from ..paths import data_root as default_data_root
+        from ovseg.paths import data_root as default_data_root
 
         data_root = default_data_root()
     if data_root is None:
@@ -73,7 +73,7 @@ class HFSource:
     revision: str | None = None
 
     def build(self, conventions: LabelConventions, data_root=None) -> SegmentationDataset:
-        from ..paths import data_root as default_data_root
+        from ovseg.paths import data_root as default_data_root
         from .hf import HFDataset
 
         return HFDataset(

@@ -1,7 +1,7 @@
 """`ovseg bench`: run a method over every dataset of a suite and write the run folder.
 
-Run folder: `config.yaml` (resolved config), `datasets/<name>.json` (one per dataset), `summary.csv`
-and `summary.md`. A dataset whose JSON says `done` is not recomputed, so an interrupted bench resumes,
+Run folder: `config.yaml` (resolved config) and `datasets/<name>.json` (one per dataset); the report layer
+adds `summary.csv` and `summary.md`. A dataset whose JSON says `done` is not recomputed, so an interrupted bench resumes,
 unless the suite's entry for it changed since (see `_definition`); a folder holding a run of another
 configuration is refused rather than mixed.
 """
@@ -23,10 +23,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
-from . import __version__
-from .config import StageOptions, build_segmenter, dataset_protocol, dataset_vocabulary
-from .errors import ConfigError, DatasetError
-from .paths import data_root as default_data_root
+from ovseg.version import __version__
+from .methods import StageOptions, build_segmenter, dataset_protocol, dataset_vocabulary
+from ovseg.errors import ConfigError, DatasetError
+from ovseg.paths import data_root as default_data_root
 
 
 @dataclass
@@ -170,10 +170,20 @@ def _finished(path: Path, definition: str, log) -> bool:
     return True
 
 
-def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
-    """Evaluate `cfg` on every dataset of the suite; returns the report summary (rank 0) or None."""
+@dataclass
+class BenchRun:
+    """What a finished bench leaves to its caller (rank 0): the run folder, and the W&B logger if any."""
+
+    run_dir: Path
+    logger: Any = None
+
+
+def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print) -> BenchRun | None:
+    """Evaluate `cfg` on every dataset of the suite and write one result per dataset into the run folder.
+
+    Returns the run (rank 0) or None (other ranks). Summaries are the report layer's job (`ovseg.report`).
+    """
     from .engine import BenchModule, evaluate, make_trainer
-    from .report import comparison_table, write_summary
     from .suites import load_suite
 
     suite = load_suite(suite_spec)
@@ -261,10 +271,4 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print):
 
     if not is_rank_zero():
         return None
-    summary = write_summary(run_dir)
-    if logger is not None:
-        columns, rows = comparison_table([summary])
-        logger.log_table(key="comparison", columns=columns, data=rows)
-        logger.finalize("success")
-    log(f"summary: {run_dir / 'summary.md'}")
-    return summary
+    return BenchRun(run_dir, logger)
