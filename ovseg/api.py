@@ -6,6 +6,8 @@
 
 `Segmenter.segment` takes the core's (3, H, W) tensors; this module adds the conversion from what
 users hold (PIL images of any mode, numpy arrays, files) so that every entry point converts alike.
+Every image is resized as the benchmarks' data path does it: uint8 with OpenCV, like mmcv
+(`ovseg.pipeline.imaging`); a float image in [0, 1] is first quantised to 8 bits (round(x * 255)).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from PIL import Image
 
 from .evaluation.data.io import IMAGE_EXTENSIONS, open_image, rgb_array
 from .errors import ConfigError
-from .pipeline.segmenter import Segmentation, Segmenter
-from .pipeline.protocol import PRECISIONS
+from .pipeline.segmenter import ResizedImage, Segmentation, Segmenter
 from .pipeline.vocabulary import Vocabulary
+from .runtime import autocast, check_precision, module_device, place, resolve_device
 
 #: files `ovseg predict` picks from a folder: the dataset image types plus formats people keep photos in
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS + (".gif", ".ppm", ".pgm", ".pnm")
@@ -107,63 +109,20 @@ def as_vocabulary(classes) -> Vocabulary | None:
 
 
 class ImageSegmenter(Segmenter):
-    """A `Segmenter` whose `segment` also takes PIL images, numpy arrays, paths and class strings."""
+    """A `Segmenter` whose `segment` also takes PIL images, numpy arrays, paths and class strings, and
+    runs under the precision it was placed with (`*-mixed`: autocast around every call)."""
+
+    precision: str = "32-true"
 
     @torch.no_grad()
     def segment(self, image, classes: Vocabulary | Sequence | str | None = None) -> Segmentation:
         vocabulary = as_vocabulary(classes)
         if vocabulary is not None and self.vocabulary is not None and vocabulary.class_names == self.vocabulary.class_names:
             vocabulary = self.vocabulary  # same classes: keep the cached text embeddings
-        return super().segment(as_image_tensor(image), vocabulary)
-
-
-def resolve_device(accelerator: str | None) -> torch.device:
-    """`cpu`, `gpu`/`cuda`, `mps` or `auto` (a GPU when one is visible) as a torch device."""
-    acc = (accelerator or "auto").lower()
-    if acc == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if acc == "cpu":
-        return torch.device("cpu")
-    if acc in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--accelerator {accelerator}: no CUDA GPU is visible; use --accelerator cpu or auto")
-        return torch.device("cuda")
-    if acc == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ConfigError("--accelerator mps: Apple MPS is not available here; use --accelerator cpu or auto")
-        return torch.device("mps")
-    raise ConfigError(f"--accelerator must be cpu, gpu, mps or auto, got {accelerator!r}")
-
-
-
-
-def check_precision(precision: str | None) -> str:
-    precision = precision or "32-true"
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
-def place(segmenter: Segmenter, device: torch.device, precision: str = "32-true") -> Segmenter:
-    """Move the segmenter to `device`; `*-true` precisions cast the predictor and extractor weights.
-
-    The refiner keeps float32: its solvers (conjugate gradients) need the precision, and the
-    segmenter hands it float32 scores in every case.
-    """
-    precision = check_precision(precision)
-    segmenter.to(device)
-    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
-    if dtype is not None:
-        for stage in (segmenter.predictor, segmenter.extractor):
-            if stage is not None:
-                stage.to(dtype)
-    return segmenter
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for `*-mixed` precisions (a no-op context otherwise)."""
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+        if not isinstance(image, ResizedImage):
+            image = as_image_tensor(image)
+        with autocast(module_device(self), self.precision):
+            return super().segment(image, vocabulary)
 
 
 def load_segmenter(
@@ -180,8 +139,7 @@ def load_segmenter(
 
     `overrides` are the CLI's `key=value` pairs (`refiner.k=200`, `protocol.short_side=336`);
     `predictor`/`extractor`/`refiner` replace a stage as `--predictor` etc. do; `device` is `auto`,
-    `cpu`, `gpu`, `mps` or a torch device; `precision` as `--precision` (`*-mixed` precisions apply
-    in `ovseg predict`; here wrap calls in `ovseg.api.autocast` yourself).
+    `cpu`, `gpu`, `mps` or a torch device; `precision` as `--precision` (`ovseg.runtime`).
     """
     from .evaluation.methods import dataset_protocol, resolve_method
 
@@ -197,6 +155,6 @@ def from_config(cfg, protocol, device="auto", precision: str = "32-true") -> Ima
     base = build_segmenter(cfg, protocol)
     seg = ImageSegmenter(base.predictor, base.refiner, base.extractor, base.protocol)
     seg.method_config = cfg  # kept for reference (name, parameters)
+    seg.precision = check_precision(precision)
     seg.eval()
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    return place(seg, dev, precision)
+    return place(seg, resolve_device(device), seg.precision)

@@ -2,8 +2,6 @@
 
 from .pipeline.protocol import (  # noqa: F401
     Protocol,
-    PRECISIONS,
-    ACCELERATORS,
 )
 
-__all__ = ["Protocol", "PRECISIONS", "ACCELERATORS"]
+__all__ = ["Protocol"]

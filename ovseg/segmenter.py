@@ -3,8 +3,9 @@
 from .pipeline.segmenter import (  # noqa: F401
     Segmenter,
     Segmentation,
+    ResizedImage,
     apply_thresholds,
-    to_float_image,
+    resize_for,
 )
 
-__all__ = ["Segmenter", "Segmentation", "apply_thresholds", "to_float_image"]
+__all__ = ["Segmenter", "Segmentation", "ResizedImage", "apply_thresholds", "resize_for"]

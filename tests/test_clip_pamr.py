@@ -59,10 +59,8 @@ def test_pamr_matches_reference(num_iter, dilations, size):
     torch.testing.assert_close(pamr(img, low, num_iter, dilations), reference_pamr(img, low, num_iter, dilations), atol=1e-5, rtol=1e-5)
 
 
-def test_refiner_merges_windows_then_refines_and_helps():
-    """Two-colour image, noisy window scores: the merged map gets PAMR and agrees more with the truth."""
-    from ovseg_clip.pamr import pamr
-
+def _two_colour_case():
+    """Two-colour image and noisy 4x4 window scores of its truth."""
     h, w = 96, 128
     truth = torch.zeros(h, w, dtype=torch.long)
     truth[:, 70:] = 1
@@ -74,16 +72,47 @@ def test_refiner_merges_windows_then_refines_and_helps():
         t = F.one_hot(truth[y1:y2, x1:x2], 2).permute(2, 0, 1).float()
         t = F.interpolate(t[None], size=(4, 4), mode="area")[0]
         windows.append(t + 0.6 * torch.randn(2, 4, 4, generator=g))
-    scores = torch.stack(windows)
-    refiner = build_refiner("pamr")
+    return image, truth, boxes, torch.stack(windows)
+
+
+def _naclip_guide(image: torch.Tensor, size=None) -> torch.Tensor:
+    """NACLIP's PAMR guide: its model input (the uint8 image normalised with mmseg's CLIP statistics),
+    upsampled bilinearly to the logits' size."""
+    mean = torch.tensor([122.771, 116.746, 104.094]).view(1, 3, 1, 1)
+    std = torch.tensor([68.501, 66.632, 70.323]).view(1, 3, 1, 1)
+    guide = ((image[None] * 255).round() - mean) / std
+    return guide if size is None else F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
+
+
+def test_refiner_at_resized_size_refines_the_merged_map_and_helps():
+    """`at: resized`: PAMR on the merged map at the resized size; it agrees more with the truth."""
+    image, truth, boxes, scores = _two_colour_case()
+    refiner = build_refiner("pamr", at="resized")
     assert refiner.num_iter == 10 and refiner.dilations == (8, 16) and not refiner.needs_features
     out = refiner(image, boxes, scores, None)
-    assert out.shape == (2, h, w)
-    merged = merge_windows(scores, boxes, h, w)
-    torch.testing.assert_close(out, pamr(image[None], merged[None], 10, (8, 16))[0])
-    acc_before = (merged.argmax(0) == truth).float().mean()
-    acc_after = (out.argmax(0) == truth).float().mean()
-    assert acc_after > acc_before
+    assert out.shape == (2, *truth.shape)
+    merged = merge_windows(scores, boxes, *truth.shape)
+    torch.testing.assert_close(out, reference_pamr(_naclip_guide(image), merged[None], 10, (8, 16))[0])
+    assert (out.argmax(0) == truth).float().mean() > (merged.argmax(0) == truth).float().mean()
+    assert torch.equal(refiner.refine_output(image, merged), merged)  # nothing after the final resize
+
+
+def test_refiner_at_original_size_runs_after_the_final_resize_as_naclip():
+    """Default `at: original` (NACLIP's `predict`): the windows are merged untouched, the logits resized to
+    the original size, and PAMR guided by NACLIP's normalised input upsampled (bilinear) to that size."""
+    image, truth, boxes, scores = _two_colour_case()
+    image = (image * 255).round() / 255  # an 8-bit image, as the data path delivers
+    refiner = build_refiner("pamr")
+    assert refiner.at == "original"
+    merged = merge_windows(scores, boxes, *truth.shape)
+    assert torch.equal(refiner(image, boxes, scores, None), merged)  # no canvas step
+    original = (150, 200)
+    logits = F.interpolate(merged[None], size=original, mode="bilinear", align_corners=False)
+    expected = reference_pamr(_naclip_guide(image, original), logits, 10, (8, 16))[0]
+    torch.testing.assert_close(refiner.refine_output(image, logits[0]), expected, atol=1e-5, rtol=1e-5)
+    # the image's third channel is flat: guiding with the [0, 1] image instead is NOT the same there
+    unnormalised = F.interpolate(image[None], size=original, mode="bilinear", align_corners=False)
+    assert (reference_pamr(unnormalised, logits, 10, (8, 16))[0] - expected).abs().max() > 1e-2
 
 
 def test_refiner_options():
@@ -93,3 +122,5 @@ def test_refiner_options():
         build_refiner("pamr", dilations=[0])
     with pytest.raises(ConfigError):
         build_refiner("pamr", num_iter=-1)
+    with pytest.raises(ConfigError, match="at must be one of original, resized"):
+        build_refiner("pamr", at="before")

@@ -191,12 +191,22 @@ def ref_pos(sd, grid, mode):
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(h * w, -1)])
 
 
-def ref_image_features(sd, images, method, pos_mode=None, std=5.0):
+def ref_fit(x, grid):
+    """Normalised images fitted to the patch grid: `pad` zeros bottom/right (LPOSS), `floor` drops the
+    remainder (SCLIP, NACLIP: the stride-16 conv), `center` zeros on both sides (ClearCLIP `compute_padsize`)."""
+    hh, ww = x.shape[-2:]
+    if grid == "floor":
+        return x[..., : hh // PATCH * PATCH, : ww // PATCH * PATCH]
+    dh, dw = (-hh) % PATCH, (-ww) % PATCH
+    if grid == "pad":
+        return F.pad(x, (0, dw, 0, dh))
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+
+
+def ref_image_features(sd, images, method, pos_mode=None, std=5.0, grid="pad"):
     """(B, h, w, E) normalised patch features."""
     heads = V_WIDTH // 64
-    x = (images - MEAN) / STD
-    hh, ww = x.shape[-2:]
-    x = F.pad(x, (0, (-ww) % PATCH, 0, (-hh) % PATCH))  # zeros after normalisation, bottom/right
+    x = ref_fit((images - MEAN) / STD, grid)
     x = F.conv2d(x, sd["visual.conv1.weight"], stride=PATCH)
     b, d, gh, gw = x.shape
     x = x.flatten(2).transpose(1, 2)
@@ -231,10 +241,20 @@ def ref_text(sd, names, templates):
     return torch.stack(out)
 
 
-def ref_scores(sd, images, method, names, **kw):
-    feats = ref_image_features(sd, images, method, **kw)
+def ref_scores(sd, images, method, names, grid="pad", **kw):
+    feats = ref_image_features(sd, images, method, grid=grid, **kw)
     text = ref_text(sd, names, ["a photo of a {}."])
-    return torch.einsum("bhwe,qe->bqhw", feats, text)
+    scores = torch.einsum("bhwe,qe->bqhw", feats, text)
+    hh, ww = images.shape[-2:]
+    if grid == "center" and (hh % PATCH or ww % PATCH):  # ClearCLIP: upsample to the padded size, crop back
+        dh, dw = (-hh) % PATCH, (-ww) % PATCH
+        up = F.interpolate(scores, size=(hh + dh, ww + dw), mode="bilinear", align_corners=False)
+        scores = up[..., dh // 2 : dh // 2 + hh, dw // 2 : dw // 2 + ww]
+    return scores
+
+
+#: each method's patch-grid policy in its authors' code
+GRIDS = {"clip": "pad", "maskclip": "pad", "sclip": "floor", "clearclip": "center", "naclip": "floor"}
 
 
 NAMES = ["cat", "dog, puppy", "sky", "grass"]  # 5 names with the synonym
@@ -254,14 +274,37 @@ def _images(h, w, b=2, seed=1):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size", [(224, 224), (224, 336), (200, 300), (112, 96)])
 def test_scores_match_independent_reference(predictors, ref_sd, method, size):
-    """224²: no interpolation; 224x336: interpolation; 200x300: padding too; 112x96: a smaller grid."""
+    """224²: no interpolation; 224x336: interpolation; 200x300: the grid policy too; 112x96: a smaller grid."""
     pred = predictors[method]
+    assert pred.grid == GRIDS[method]
     pred.set_classes(NAMES)
     images = _images(*size)
     got = pred(images)
-    want = ref_scores(ref_sd, images, method, Vocabulary(NAMES).names)
-    assert got.shape == want.shape == (2, 5, math.ceil(size[0] / 16), math.ceil(size[1] / 16))
+    want = ref_scores(ref_sd, images, method, Vocabulary(NAMES).names, grid=GRIDS[method])
+    expected = {
+        "pad": (math.ceil(size[0] / 16), math.ceil(size[1] / 16)),
+        "floor": (size[0] // 16, size[1] // 16),
+        "center": size if size[0] % 16 or size[1] % 16 else (size[0] // 16, size[1] // 16),
+    }[GRIDS[method]]
+    assert got.shape == want.shape == (2, 5, *expected)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grid", ["pad", "floor", "center"])
+def test_grid_policy_is_an_option_and_each_policy_is_discriminative(ckpt, ref_sd, grid):
+    """Any predictor takes any policy; on a 200x300 window the three policies give different maps."""
+    pred = build_predictor("sclip", pretrained=str(ckpt), templates="single", grid=grid)
+    pred.set_classes(NAMES)
+    images = _images(200, 300)
+    names = Vocabulary(NAMES).names
+    got = pred(images)
+    torch.testing.assert_close(got, ref_scores(ref_sd, images, "sclip", names, grid=grid), atol=2e-5, rtol=0)
+    for other in {"pad", "floor", "center"} - {grid}:
+        want = ref_scores(ref_sd, images, "sclip", names, grid=other)
+        assert want.shape != got.shape or (want - got).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="grid must be one of pad, floor, center"):
+        pred.configure(grid="ceil")
+    assert pred.grid == grid  # a refused value leaves the predictor as it was
 
 
 @pytest.mark.parametrize("method", ["maskclip", "sclip"])
@@ -303,7 +346,7 @@ def test_shape_dtype_and_contract(predictors):
     pred.set_classes(["a, b, c", ["d", "e"], "f"])
     for h, w in [(16, 16), (17, 33), (64, 100)]:
         out = pred(torch.rand(3, 3, h, w))
-        assert out.shape == (3, 6, math.ceil(h / 16), math.ceil(w / 16))
+        assert out.shape == (3, 6, h // 16, w // 16)  # SCLIP's floor grid
         assert out.dtype == torch.float32
         assert out.abs().max() <= 1 + 1e-5  # raw cosines: no temperature, no softmax
 
@@ -336,11 +379,21 @@ def test_bfloat16_close_to_float32(method):
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.999
 
 
-def test_precision_option(ckpt):
-    pred = build_predictor("sclip", pretrained=str(ckpt), templates="single", precision="bf16")
+def test_precision_is_a_run_setting_not_a_predictor_option(ckpt):
+    """`precision` went to `ovseg.runtime`: the predictor refuses it; `place` casts, scores stay float32."""
+    from ovseg.errors import PluginError
+    from ovseg.pipeline.refiners import NoRefiner
+    from ovseg.pipeline.segmenter import Segmenter
+    from ovseg.runtime import place
+
+    with pytest.raises(PluginError, match="precision"):
+        build_predictor("sclip", pretrained=str(ckpt), templates="single", precision="bf16")
+    pred = build_predictor("sclip", pretrained=str(ckpt), templates="single")
+    seg = place(Segmenter(pred, NoRefiner()), torch.device("cpu"), "bf16-true")
     assert next(pred.parameters()).dtype == torch.bfloat16
     pred.set_classes(NAMES)
     assert pred(_images(48, 64)).dtype == torch.float32
+    assert seg.refiner is not None
 
 
 def test_text_embedding_recipe_imagenet80(ckpt, ref_sd):
@@ -489,8 +542,9 @@ def test_missing_path_raises_weights_error(tmp_path):
 def test_garbage_file_raises_weights_error(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"this is not a checkpoint" * 100)
-    with pytest.raises(WeightsError, match="could not read"):
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint") as info:
         build_predictor("clip", pretrained=str(path))
+    assert "trust" not in str(info.value) and "weights_only=False" not in str(info.value)  # damaged, not a pickle
 
 
 def test_non_clip_state_dict_raises_weights_error(tmp_path):
@@ -513,14 +567,16 @@ def test_unknown_tag_raises_weights_error():
 
 @pytest.mark.parametrize("how", ["env", "unreachable"])
 def test_known_tag_offline_fails_fast(tmp_path, monkeypatch, how):
-    from ovseg_clip import weights
+    from ovseg import weights
 
     if how == "env":
         monkeypatch.setenv("OVSEG_OFFLINE", "1")
     else:
         monkeypatch.delenv("OVSEG_OFFLINE", raising=False)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(weights, "_reachable", lambda host, timeout=3.0: False)
+        for name in weights.PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(weights, "_reachable", lambda host, port=443: False)
     start = time.monotonic()
     with pytest.raises(WeightsError) as info:
         build_predictor("sclip", model="ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
@@ -546,8 +602,8 @@ def test_non_vit_tower_is_a_config_error():
 def test_bad_options_are_config_errors(ckpt):
     with pytest.raises(ConfigError, match="templates"):
         build_predictor("clip", pretrained=str(ckpt), templates="imagenet81")
-    with pytest.raises(ConfigError, match="precision"):
-        build_predictor("clip", pretrained=str(ckpt), precision="fp8")
+    with pytest.raises(ConfigError, match="grid must be one of"):
+        build_predictor("clip", pretrained=str(ckpt), grid="fp8")
     with pytest.raises(ConfigError, match="gaussian_std"):
         build_predictor("naclip", pretrained=str(ckpt), gaussian_std=0)
 

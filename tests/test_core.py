@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ovseg.errors import ConfigError
 from ovseg.pipeline.protocol import Protocol
 from ovseg.pipeline.segmenter import apply_thresholds
+from ovseg.pipeline.stages import VLMPredictor
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.pipeline.windows import merge_windows, sliding_windows
 
@@ -114,19 +115,26 @@ def test_per_dataset_stage_options_apply_and_reset(tmp_path):
     from omegaconf import OmegaConf
 
     from ovseg.evaluation.methods import StageOptions
+    from ovseg.pipeline.stages import Stage
 
-    class Stage:
+    class Thresholded(Stage):
+        options = ("thresh", "topk")
+
         def __init__(self):
+            super().__init__()
             self.thresh, self.topk, self.calls = None, 5, []
 
         def configure(self, **options):
             self.calls.append(options)
-            for k, v in options.items():
-                setattr(self, k, v)
+            super().configure(**options)
+
+        def check_options(self):
+            if self.topk < 1:
+                raise ConfigError(f"topk must be at least 1, got {self.topk}")
 
     cfg = OmegaConf.create({"name": "m", "datasets": {"voc21": {"predictor": {"thresh": 0.9}},
                                                       "ctx": {"predictor": {"topk": 3}}}})
-    stage = Stage()
+    stage = Thresholded()
     options = StageOptions(cfg, {"predictor": stage})
     options.apply("voc21")
     assert (stage.thresh, stage.topk) == (0.9, 5)
@@ -134,15 +142,22 @@ def test_per_dataset_stage_options_apply_and_reset(tmp_path):
     assert (stage.thresh, stage.topk) == (None, 5)
     options.apply("ctx")
     assert (stage.thresh, stage.topk) == (None, 3)
-    with pytest.raises(ConfigError, match="no configure"):
-        StageOptions(cfg, {"predictor": object()})
+    # a name the stage does not declare is refused when the method is loaded, naming only it
+    bad = OmegaConf.create({"name": "m", "datasets": {"voc21": {"predictor": {"tresh": 0.9, "topk": 2}}}})
+    with pytest.raises(ConfigError, match=r"unknown option 'tresh' \(did you mean 'thresh'\?\)") as info:
+        StageOptions(bad, {"predictor": Thresholded()})
+    assert "'topk'" not in str(info.value).split(";")[0]
+    # a refused value leaves the stage as it was
+    with pytest.raises(ConfigError, match="topk must be at least 1"):
+        stage.configure(thresh=0.5, topk=0)
+    assert (stage.thresh, stage.topk) == (None, 3)
 
 
 # ---------------------------------------------------------------- names shared by two classes (COCO-Object 'bed')
 NAME_RGB = {"sky": (120, 170, 255), "bed": (140, 90, 40), "red": (230, 20, 20)}
 
 
-class NameColourPredictor(torch.nn.Module):
+class NameColourPredictor(VLMPredictor):
     """Cosine between each 4x4 patch's mean colour and a fixed colour per name (centred at grey)."""
 
     patch_size = 4

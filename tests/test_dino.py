@@ -138,7 +138,7 @@ def test_bfloat16_runs_and_stays_close():
     images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(10))
     ref = ext(images)
     out = ext.to(torch.bfloat16)(images)
-    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert out.dtype == torch.float32 and out.shape == ref.shape  # bf16 weights, float32 features (the contract)
     assert F.cosine_similarity(out.float(), ref, dim=1).min() > 0.98
 
 

@@ -179,13 +179,13 @@ def test_shapes_with_padding_synonyms_and_determinism(reference):
     first = reference(x)
     assert first.shape == (3, 5, 3, 4)  # ceil(40/16), ceil(56/16); Q = 5 names
     assert torch.equal(first, reference(x))
-    reference.configure(decode="paper", grid="pixel")
+    reference.configure(decode="paper", output="pixel")
     try:
         pixel = reference(x)
         assert pixel.shape == (3, 5, 40, 56)
         assert torch.equal(pixel, reference(x))
     finally:
-        reference.configure(decode="soft", grid="patch")
+        reference.configure(decode="soft", output="patch")
 
 
 def test_pickled_extras_are_refused_without_the_trust_flag(reference, tmp_path, images):
@@ -298,11 +298,11 @@ def test_paper_decoding_matches_the_release(reference, images):
     assert len(maxima) >= 2
     bg_thresh = float(maxima[:2].mean())
     expected = torch.stack([release_encode_decode(onehots[b], affinities[b], bg_thresh) for b in range(2)])
-    reference.configure(decode="paper", grid="pixel", bg_thresh=bg_thresh)
+    reference.configure(decode="paper", output="pixel", bg_thresh=bg_thresh)
     try:
         out = reference(images)
     finally:
-        reference.configure(decode="soft", grid="patch", bg_thresh=None)
+        reference.configure(decode="soft", output="patch", bg_thresh=None)
     assert out.shape == expected.shape == (2, len(VOCAB), 48, 64)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # the rules were exercised: one class masked per window, background and foreground both present
@@ -366,7 +366,7 @@ def test_npr_follows_the_release_formula():
 
 def test_bfloat16_and_segmenter_with_the_none_refiner(reference):
     reference.set_classes(VOCAB)
-    reference.configure(decode="paper", grid="pixel", bg_thresh=0.5)
+    reference.configure(decode="paper", output="pixel", bg_thresh=0.5)
     try:
         seg = Segmenter(reference, NoRefiner(), protocol=Protocol(short_side=48, crop=48, stride=32))
         result = seg.segment(torch.rand(3, 50, 80, generator=torch.Generator().manual_seed(9)), VOCAB)
@@ -376,7 +376,7 @@ def test_bfloat16_and_segmenter_with_the_none_refiner(reference):
         assert out.dtype == torch.float32 and out.shape == (1, len(VOCAB), 32, 48) and torch.isfinite(out).all()
     finally:
         reference.float()
-        reference.configure(decode="soft", grid="patch", bg_thresh=None)
+        reference.configure(decode="soft", output="patch", bg_thresh=None)
 
 
 # ------------------------------------------------------------------------------------------

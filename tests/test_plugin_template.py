@@ -6,7 +6,6 @@ third-party plugin is found: through its entry point. Nothing is installed into 
 other tests never see the plugin and nothing needs uninstalling.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -83,10 +82,6 @@ def test_predict_with_the_template(plugin_env, tmp_path):
 
 
 def test_bench_demo_with_the_template(plugin_env, tmp_path):
-    if not (REPO / "configs" / "methods" / "lposs_plus.yaml").exists():
-        pytest.skip("configs/methods/lposs_plus.yaml (the default method) is not there yet")
-    if importlib.util.find_spec("ovseg.suites") is None:
-        pytest.skip("ovseg.evaluation.suites (the demo suite) is not there yet")
     out = tmp_path / "run"
     result = _ovseg(plugin_env, "bench", "--suite", "demo", "--predictor", "colorproto", "--refiner", "none",
                     "--limit", "2", "--output", out, "--accelerator", "cpu", "--no-progress")

@@ -44,9 +44,9 @@ class ColourPredictor(VLMPredictor):
     def forward(self, images):
         p = self.patch_size
         h, w = images.shape[-2:]
-        x = F.pad(images, (0, -w % p, 0, -h % p))
+        x = F.pad(images.to(self.centre.dtype), (0, -w % p, 0, -h % p))  # each stage casts its own input
         mean = F.avg_pool2d(x, p) - self.centre.view(1, 3, 1, 1)
-        return torch.einsum("bchw,qc->bqhw", F.normalize(mean, dim=1), self.text)
+        return torch.einsum("bchw,qc->bqhw", F.normalize(mean, dim=1), self.text).float()
 
 
 @pytest.fixture

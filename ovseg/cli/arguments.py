@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ovseg.errors import OvsegError
-from ovseg.pipeline.protocol import ACCELERATORS, PRECISIONS
+from ovseg.runtime import ACCELERATORS, PRECISIONS
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ovseg.api import IMAGE_SUFFIXES, autocast, check_precision, from_config, load_image, resolve_device
+from ovseg.api import IMAGE_SUFFIXES, from_config, load_image
+from ovseg.runtime import check_precision, resolve_device
 from ovseg.errors import ConfigError, DatasetError
 from ovseg.visualize import label_png, overlay
 from ovseg.pipeline.vocabulary import Vocabulary
@@ -166,8 +167,7 @@ def run_predict(args, log=print, err=None) -> int:
                 tqdm.write(f"ovseg predict: skipped {failures[-1]}", file=sys.stderr)
                 continue
             try:
-                with autocast(device, precision):
-                    result = segmenter.segment(image)
+                result = segmenter.segment(image)
                 write_prediction(output, stem, image, result, args.save_scores)
             except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on one huge image
                 failures.append(Failure(path, f"failed ({type(exc).__name__}: {exc})"))

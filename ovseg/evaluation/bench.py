@@ -183,7 +183,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print) -
 
     Returns the run (rank 0) or None (other ranks). Summaries are the report layer's job (`ovseg.report`).
     """
-    from .engine import BenchModule, evaluate, make_trainer
+    from .engine import BenchModule, ResizedDataset, evaluate, make_trainer
     from .suites import load_suite
 
     suite = load_suite(suite_spec)
@@ -196,7 +196,7 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print) -
     data_root = opts.data_root or default_data_root()
     run_dir = Path(opts.output)
     # built first: a bad --accelerator/--devices is reported before any model loads
-    trainer = make_trainer(opts.accelerator, opts.devices, opts.precision, opts.num_nodes, None, opts.progress)
+    trainer = make_trainer(opts.accelerator, opts.devices, opts.num_nodes, None, opts.progress)
     segmenter = build_segmenter(cfg)
     stage_options = StageOptions(cfg, {"predictor": segmenter.predictor, "refiner": segmenter.refiner})
     identity = _identity(cfg, suite.name, opts)
@@ -238,9 +238,9 @@ def run_bench(suite_spec: str, cfg: DictConfig, opts: BenchOptions, log=print) -
 
             writer = ExampleWriter(run_dir / "examples" / spec.name, vocabulary.display_names, spec.ignore_index,
                                    opts.save_examples)
-        module = BenchModule(segmenter, vocabulary, spec.ignore_index, on_sample=writer)
+        module = BenchModule(segmenter, vocabulary, spec.ignore_index, on_sample=writer, precision=opts.precision)
         start = time.perf_counter()
-        results = evaluate(trainer, module, dataset, opts.num_workers)
+        results = evaluate(trainer, module, ResizedDataset(dataset, protocol), opts.num_workers)
         elapsed = time.perf_counter() - start
         if not trainer.is_global_zero:
             continue

@@ -3,6 +3,10 @@
 `trainer.predict` gives each process a disjoint share of the images (Lightning's unrepeated
 sampler), so dataset-level sums are exact under DDP; `self.log` is unavailable in predict hooks, so
 metrics are updated in `predict_step` and computed on every rank at epoch end (a collective).
+
+Images are resized in the data loader's workers (`ResizedDataset`: uint8, OpenCV, as mmcv), so a GPU
+receives resized images. Precision is ovseg's own (`ovseg.runtime`: the same cast and autocast as
+`ovseg predict` and the Python API); the Trainer itself always runs at 32-true.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovseg.errors import ConfigError, DatasetError
-from .metrics import BoundaryIoU, IoU
-from ovseg.pipeline.segmenter import Segmenter
+from ovseg.pipeline.protocol import Protocol
+from ovseg.pipeline.segmenter import Segmenter, resize_for
 from ovseg.pipeline.vocabulary import Vocabulary
+from ovseg.runtime import autocast, place
+
+from .metrics import BoundaryIoU, IoU
 
 
 # predict_step returns None on purpose (metrics only) and the device banners repeat once per dataset
@@ -33,25 +40,53 @@ def _as_list(batch: Any) -> list:
     return list(batch)
 
 
+class ResizedDataset(Dataset):
+    """A dataset whose images arrive resized for `protocol` (`ResizedImage` under "image"), labels and the
+    image as read ("original", for pictures) at the original size."""
+
+    def __init__(self, dataset: Dataset, protocol: Protocol):
+        self.dataset = dataset
+        self.protocol = protocol
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        sample["original"] = sample["image"]
+        sample["image"] = resize_for(sample["image"], self.protocol)
+        return sample
+
+
 class BenchModule(L.LightningModule):
     """Segments each sample and accumulates mIoU and Boundary IoU for one dataset."""
 
-    def __init__(self, segmenter: Segmenter, vocabulary: Vocabulary, ignore_index: int = 255, on_sample=None):
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        vocabulary: Vocabulary,
+        ignore_index: int = 255,
+        on_sample=None,
+        precision: str = "32-true",
+    ):
         super().__init__()
         self.segmenter = segmenter
         self.vocabulary = vocabulary
+        self.precision = precision
         self.iou = IoU(vocabulary.num_classes, ignore_index=ignore_index)
         self.biou = BoundaryIoU(vocabulary.num_classes, ignore_index=ignore_index)
         self.on_sample = on_sample
         self.results: dict[str, dict[str, torch.Tensor]] | None = None
 
     def on_predict_start(self) -> None:
-        # text embeddings are encoded here, after Lightning moved the models to their device
+        # after Lightning moved the models to their device: the run's precision, then the text embeddings
+        place(self.segmenter, self.device, self.precision)
         self.segmenter.set_classes(self.vocabulary)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> None:
         for sample in batch:
-            result = self.segmenter.segment(sample["image"])
+            with autocast(self.device, self.precision):
+                result = self.segmenter.segment(sample["image"])
             target = sample["label"].to(result.labels.device)
             try:
                 self.iou.update(result.labels, target)
@@ -72,7 +107,6 @@ class BenchModule(L.LightningModule):
 def make_trainer(
     accelerator: str = "auto",
     devices: int | str = 1,
-    precision: str = "32-true",
     num_nodes: int = 1,
     logger=None,
     progress: bool = True,
@@ -87,7 +121,7 @@ def make_trainer(
             devices=devices,
             num_nodes=num_nodes,
             strategy="ddp" if multi else "auto",
-            precision=precision,
+            precision="32-true",  # ovseg casts and autocasts itself (ovseg.runtime), as everywhere else
             logger=logger if logger is not None else False,
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -95,7 +129,7 @@ def make_trainer(
         )
     except MisconfigurationException as exc:
         raise ConfigError(
-            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes} --precision {precision}: {exc}"
+            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes}: {exc}"
         ) from exc
 
 

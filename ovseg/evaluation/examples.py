@@ -24,7 +24,7 @@ class ExampleWriter:
     def __call__(self, sample: dict, result) -> None:
         if self.written >= self.limit:
             return
-        image = sample["image"].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+        image = sample.get("original", sample["image"]).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
         target = sample["label"].cpu().clone()
         # ignored pixels get their own legend entry instead of an out-of-range colour index
         names = self.class_names + ["(ignored)"]

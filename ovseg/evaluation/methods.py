@@ -194,13 +194,17 @@ def _plain(value):
 
 
 class StageOptions:
-    """Per-dataset stage options (`datasets.<name>.predictor`), e.g. PGSeg's background thresholds.
+    """Per-dataset stage options (`datasets.<name>.predictor` / `.refiner`), e.g. PGSeg's background
+    thresholds or ResCLIP's per-dataset weights, applied through the stage's `configure(**options)`.
 
-    A stage that accepts them implements `configure(**options)`; datasets without an override get
-    the values the stage had when it was built, so one dataset's option never leaks into the next.
+    Datasets without an override get the values the stage had when it was built, so one dataset's
+    option never leaks into the next. Names the stage does not declare in `options` are refused when
+    the method is loaded, before any dataset runs.
     """
 
     def __init__(self, cfg: DictConfig, stages: Mapping[str, Any]):
+        from ovseg.pipeline.options import unknown_options
+
         self.cfg = cfg
         self.stages = stages
         self.defaults: dict[str, dict[str, Any]] = {}
@@ -208,14 +212,7 @@ class StageOptions:
             keys = sorted({k for o in cfg.datasets.values() if stage in o for k in o[stage].keys()})
             if not keys:
                 continue
-            if not callable(getattr(module, "configure", None)):
-                raise ConfigError(
-                    f"method {cfg.name}: datasets override {stage} options {keys}, but "
-                    f"{type(module).__name__} has no configure(**options) to take them"
-                )
-            missing = [k for k in keys if not hasattr(module, k)]
-            if missing:
-                raise ConfigError(f"method {cfg.name}: {stage} {type(module).__name__} has no option(s) {missing}")
+            unknown_options(keys, module.options, f"method {cfg.name}: datasets.*.{stage} ({type(module).__name__})")
             self.defaults[stage] = {k: getattr(module, k) for k in keys}
 
     def apply(self, dataset: str) -> None:

@@ -11,12 +11,9 @@ from typing import Any, Mapping
 
 from ovseg.errors import ConfigError
 
-__all__ = ["Protocol", "PRECISIONS", "ACCELERATORS"]
+from . import options
 
-
-#: numeric precisions a run may use (Lightning's names); kept here, free of torch, for the CLI's choices
-PRECISIONS = ("32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+__all__ = ["Protocol"]
 
 
 @dataclass(frozen=True)
@@ -41,36 +38,35 @@ class Protocol:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, where: str = "protocol") -> "Protocol":
         values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown protocol option(s) {unknown}; known: {sorted(known)}")
+        options.unknown_options(values, [f.name for f in fields(cls)], where)
         proto = cls(**values)
         proto.validate(where)
         return proto
 
     def validate(self, where: str = "protocol") -> None:
-        def positive(name, v):
-            vs = v if isinstance(v, (list, tuple)) else [v]
-            if len(vs) not in (1, 2) or not all(isinstance(x, int) and x > 0 for x in vs):
-                raise ConfigError(f"{where}.{name} must be a positive integer or an [h, w] pair, got {v!r}")
-
+        """Check every field's type and range; ConfigError naming the field (`where.field`)."""
         if self.short_side is not None:
-            positive("short_side", self.short_side)
-        positive("long_side_max", self.long_side_max)
+            options.integer(self.short_side, f"{where}.short_side", minimum=1)
+        options.integer(self.long_side_max, f"{where}.long_side_max", minimum=1)
+        stride = options.pair(self.stride, f"{where}.stride")
         if self.crop is not None:
-            positive("crop", self.crop)
-        positive("stride", self.stride)
+            crop = options.pair(self.crop, f"{where}.crop")
+            if stride[0] > crop[0] or stride[1] > crop[1]:
+                raise ConfigError(
+                    f"{where}.stride {self.stride!r} is larger than {where}.crop {self.crop!r}: windows would leave "
+                    "gaps; use a stride at most the crop"
+                )
         if self.window_batch is not None:
-            positive("window_batch", self.window_batch)
+            options.integer(self.window_batch, f"{where}.window_batch", minimum=1)
         for name in ("prob_thd", "area_thd"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"{where}.{name} must be in [0, 1], got {v!r}")
+            value = getattr(self, name)
+            if value is not None:
+                options.number(value, f"{where}.{name}", minimum=0.0, maximum=1.0)
+        if self.logit_scale is not None:
+            options.number(self.logit_scale, f"{where}.logit_scale", above=0.0)
         if self.prob_thd is not None and self.logit_scale is None:
             raise ConfigError(f"{where}.prob_thd needs logit_scale (the threshold applies to softmax probabilities)")
-        if self.logit_scale is not None and float(self.logit_scale) <= 0:
-            raise ConfigError(f"{where}.logit_scale must be positive, got {self.logit_scale!r}")
+        options.integer(self.background_index, f"{where}.background_index", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,4 +76,4 @@ class Protocol:
         if self.short_side is None:
             return height, width
         scale = min(self.long_side_max / max(height, width), self.short_side / min(height, width))
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))

@@ -1,17 +1,16 @@
-"""The `none` refiner: window scores upsampled and averaged, as plain sliding-window inference."""
+"""The `none` refiner: plain sliding-window inference (the segmenter's merge, nothing else)."""
 
 from __future__ import annotations
 
-import torch
-
 from .stages import Refiner
-from .windows import merge_windows
+
+__all__ = ["NoRefiner"]
 
 
 class NoRefiner(Refiner):
-    """Bilinear upsampling of each window to its box, averaged where windows overlap."""
+    """Each window's scores resized bilinearly to its box and averaged where windows overlap.
+
+    All three refiner steps are the identity: the merge between them is the segmenter's.
+    """
 
     needs_features = False
-
-    def forward(self, image, boxes, scores, features=None) -> torch.Tensor:
-        return merge_windows(scores, boxes, image.shape[-2], image.shape[-1])

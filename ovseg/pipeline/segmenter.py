@@ -1,8 +1,16 @@
 """The segmenter: composes predictor, feature extractor and refiner for one image.
 
-Follows DESIGN.md section 1: resize to the protocol's short side, sliding windows, one batched
-forward per stage, refine to full resolution, reduce synonyms, resize to the original size, argmax,
-optional SCLIP-style probability and area thresholds.
+One image, in order:
+
+1. resize to the protocol's size as mmcv does (uint8, OpenCV; `ovseg.pipeline.imaging`), unless the
+   data path already did (a `ResizedImage`);
+2. `predictor.set_image(image)`, then sliding windows, one batched forward per stage;
+3. `refiner.refine_windows`, the merge of the windows (each window's map resized bilinearly to its box,
+   summed, divided by the count: the segmenter does this once for every refiner), `refiner.refine_canvas`;
+4. to the original size and a label map, in one of two orders:
+   - no `logit_scale` (LPOSS): reduce synonyms (max), resize, `refiner.refine_output`, argmax;
+   - `logit_scale` (SCLIP family): resize, `refiner.refine_output`, softmax over all names, max over
+     each class's names, SCLIP's `area_thd` and `prob_thd`.
 """
 
 from __future__ import annotations
@@ -15,12 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg.errors import ConfigError
-from .protocol import Protocol
-from .stages import FeatureExtractor, Refiner, VLMPredictor, module_device, module_dtype
-from .vocabulary import Vocabulary
-from .windows import crop_windows, sliding_windows
+from ovseg.runtime import module_device
 
-__all__ = ["Segmenter", "Segmentation", "apply_thresholds", "to_float_image"]
+from .imaging import ResizedImage, resize_uint8, to_uint8
+from .protocol import Protocol
+from .stages import FeatureExtractor, Refiner, Stage, VLMPredictor
+from .vocabulary import Vocabulary
+from .windows import crop_windows, merge_windows, sliding_windows
+
+__all__ = ["Segmenter", "Segmentation", "ResizedImage", "apply_thresholds", "resize_for"]
 
 
 @dataclass
@@ -35,13 +46,11 @@ class Segmentation:
     vocabulary: Vocabulary
 
 
-def to_float_image(image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 or float image to float32 in [0, 1]."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
-    if image.dtype == torch.uint8:
-        return image.float() / 255.0
-    return image.float()
+def resize_for(image: torch.Tensor, protocol: Protocol) -> ResizedImage:
+    """A (3, H, W) uint8 or [0, 1] float image resized for `protocol` (what the data path does in workers)."""
+    image = to_uint8(image)
+    size = tuple(image.shape[-2:])
+    return ResizedImage(resize_uint8(image, protocol.resized_size(*size)), size)
 
 
 def apply_thresholds(probs: torch.Tensor, protocol: Protocol) -> torch.Tensor:
@@ -85,7 +94,8 @@ class Segmenter(nn.Module):
 
     @property
     def random_weights(self) -> bool:
-        return any(getattr(m, "random_weights", False) for m in (self.predictor, self.extractor) if m is not None)
+        """Whether any stage, or a model a stage owns (a predictor's vision model), has random weights."""
+        return any(m.random_weights for m in self.modules() if isinstance(m, Stage))
 
     def set_classes(self, classes: Vocabulary | Sequence) -> Vocabulary:
         vocabulary = classes if isinstance(classes, Vocabulary) else Vocabulary(classes)
@@ -96,43 +106,60 @@ class Segmenter(nn.Module):
 
     def _batched(self, stage: nn.Module, crops: torch.Tensor) -> torch.Tensor:
         size = self.protocol.window_batch or crops.shape[0]
-        dtype = module_dtype(stage)
-        return torch.cat([stage(crops[i : i + size].to(dtype)) for i in range(0, crops.shape[0], size)])
+        return torch.cat([stage(crops[i : i + size]) for i in range(0, crops.shape[0], size)]).float()
 
     @torch.no_grad()
     def refined_scores(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-name scores (Q, h, w) on the resized image (before synonym reduction)."""
-        h, w = self.protocol.resized_size(*image.shape[-2:])
-        if (h, w) != tuple(image.shape[-2:]):
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        crop = self.protocol.crop or (h, w)
-        boxes = sliding_windows(h, w, crop, self.protocol.stride)
+        """Per-name scores (Q, H, W) on an already resized float image (3, H, W) in [0, 1]."""
+        h, w = image.shape[-2:]
+        boxes = sliding_windows(h, w, self.protocol.crop or (h, w), self.protocol.stride)
         crops = crop_windows(image, boxes)
-        scores = self._batched(self.predictor, crops).float()
-        features = self._batched(self.extractor, crops).float() if self.extractor is not None else None
-        return self.refiner(image, boxes.to(image.device), scores, features).float()
+        self.predictor.set_image(image)
+        scores = self._batched(self.predictor, crops)
+        features = self._batched(self.extractor, crops) if self.extractor is not None else None
+        boxes = boxes.to(image.device)
+        windows = self.refiner.refine_windows(image, boxes, scores, features)
+        merged = merge_windows(windows.float(), boxes, h, w)
+        return self.refiner.refine_canvas(image, merged).float()
 
     @torch.no_grad()
-    def segment(self, image: torch.Tensor, classes: Vocabulary | Sequence | None = None) -> Segmentation:
-        """Segment one (3, H, W) image (uint8, or float in [0, 1]) with `classes` or the cached vocabulary."""
+    def segment(
+        self, image: torch.Tensor | ResizedImage, classes: Vocabulary | Sequence | None = None
+    ) -> Segmentation:
+        """Segment one image: (3, H, W) uint8 or float in [0, 1] at its original size, or a `ResizedImage`
+        from the data path. `classes` replaces the cached vocabulary."""
         if classes is not None:
             self.set_classes(classes)
         if self.vocabulary is None:
             raise ConfigError("no classes set: call set_classes(...) or pass classes=")
-        device = module_device(self)
-        image = to_float_image(image.to(device))
-        size = tuple(image.shape[-2:])
-        scores = self.refined_scores(image)
+        if not isinstance(image, ResizedImage):
+            image = resize_for(image, self.protocol)
+        expected = self.protocol.resized_size(*image.original_size)
+        if tuple(image.pixels.shape[-2:]) != expected:
+            raise ValueError(
+                f"a {tuple(image.pixels.shape[-2:])} image was resized for another protocol "
+                f"(this one expects {expected} for an original size of {image.original_size})"
+            )
+        resized = image.pixels.to(module_device(self)).float() / 255.0
+        scores = self.refined_scores(resized)
         p = self.protocol
         if p.logit_scale is None:
             # LPOSS order: reduce synonyms, then resize, then argmax on raw scores
             scores = self.vocabulary.reduce(scores)
-            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            scores = self._to_original(scores, image.original_size)
+            scores = self.refiner.refine_output(resized, scores)
         else:
             # SCLIP order: resize, softmax over all names, then max over each class's names
-            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            scores = self._to_original(scores, image.original_size)
+            scores = self.refiner.refine_output(resized, scores)
             scores = self.vocabulary.reduce(torch.softmax(scores * p.logit_scale, dim=0))
         return Segmentation(apply_thresholds(scores, p), scores, self.vocabulary)
+
+    @staticmethod
+    def _to_original(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(scores.shape[-2:]) == tuple(size):
+            return scores
+        return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.segment(image).labels

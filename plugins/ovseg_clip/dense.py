@@ -19,6 +19,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ovseg.errors import ConfigError
+from ovseg.pipeline.patches import resample_pos_embed
 
 Grid = tuple[int, int]
 #: (block, tokens (B, 1 + h*w, D) batch-first, patch grid (h, w)) -> tokens (B, 1 + h*w, D)
@@ -31,7 +32,8 @@ class LastBlock:
 
     name: str
     forward: BlockFn
-    #: "size": bicubic to size=(h, w) (MaskCLIP); "dino": bicubic with scale_factor=((h+0.1)/h0, (w+0.1)/w0)
+    #: positional embeddings for other grids (`ovseg.pipeline.patches.resample_pos_embed`): "size" (MaskCLIP,
+    #: bicubic to the exact size) or "dino" (SCLIP, ClearCLIP, NACLIP: bicubic with DINO's +0.1 scale factor)
     pos_interp: Literal["size", "dino"]
 
 
@@ -64,35 +66,6 @@ def check_vit(visual: nn.Module) -> None:
             f"the last block is {type(last).__name__} with {type(attn).__name__}; the dense CLIP methods need "
             "open_clip's ResidualAttentionBlock with a packed nn.MultiheadAttention (in_proj_weight)"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# positional embeddings
-
-
-def interpolate_pos_embed(pos: torch.Tensor, grid0: Grid, grid: Grid, mode: str) -> torch.Tensor:
-    """(1 + h0*w0, D) positional embedding resized to (1 + h*w, D); class position untouched.
-
-    An unchanged grid returns the table as is (SCLIP/NACLIP only interpolate when the grid changes).
-    Interpolation runs in float32 (bicubic on bfloat16 is not available on every device).
-    """
-    if tuple(grid) == tuple(grid0):
-        return pos
-    (h0, w0), (h, w) = grid0, grid
-    cls_pos, patch = pos[:1], pos[1:]
-    patch = patch.reshape(1, h0, w0, -1).permute(0, 3, 1, 2).float()
-    if mode == "size":
-        patch = F.interpolate(patch, size=(h, w), mode="bicubic", align_corners=False)
-    elif mode == "dino":
-        patch = F.interpolate(
-            patch, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic", align_corners=False
-        )
-    else:
-        raise ConfigError(f"unknown positional-embedding interpolation {mode!r}")
-    if patch.shape[-2:] != (h, w):  # guards the float rounding of the DINO scale factor
-        raise RuntimeError(f"positional embedding resized to {tuple(patch.shape[-2:])}, expected {(h, w)}")
-    patch = patch.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)
-    return torch.cat([cls_pos, patch], dim=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +109,7 @@ def _attend(q, k, v, mask=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# the five last blocks (DESIGN.md §3)
+# the five last blocks
 
 
 def clip_block(block: nn.Module, x: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -220,7 +193,7 @@ def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) 
     grid = tuple(tokens.shape[-2:])
     tokens = tokens.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(b, -1, -1)
-    pos = interpolate_pos_embed(visual.positional_embedding, visual.grid_size, grid, last.pos_interp)
+    pos = resample_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid, last.pos_interp)
     tokens = torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype)
     # patch dropout is skipped: it is the identity in eval mode and a dense map needs every patch
     tokens = visual.ln_pre(tokens)

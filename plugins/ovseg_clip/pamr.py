@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
+from ovseg.pipeline.options import choice, integer
 from ovseg.pipeline.stages import Refiner
-from ovseg.pipeline.windows import merge_windows
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
@@ -65,29 +65,48 @@ def pamr(
     return scores
 
 
-class PAMRRefiner(Refiner):
-    """Sliding-window merge (as the `none` refiner), then PAMR on the resized image.
+#: mmseg's `SegDataPreProcessor` statistics in NACLIP's configs (CLIP's, x255, rounded to 3 decimals)
+MMSEG_CLIP_MEAN = (122.771, 116.746, 104.094)
+MMSEG_CLIP_STD = (68.501, 66.632, 70.323)
 
-    NACLIP runs PAMR after resizing to the original image size; here it runs at the resized
-    (protocol) size, which is what a refiner sees.
+
+class PAMRRefiner(Refiner):
+    """PAMR on the merged scores, at the original image size (`at="original"`, NACLIP's order) or at the
+    resized size (`at="resized"`, cheaper on large images).
+
+    NACLIP resizes the logits to the original size first and guides PAMR with its model input -- the
+    resized image, normalised with mmseg's statistics -- upsampled (bilinear) to that size; `original`
+    does exactly that, in that order. The guide is normalised as NACLIP's is, although PAMR's affinities
+    are invariant to a per-channel affine map, because flat channels are not: there the bilinear upsampling
+    leaves float noise of one ulp, which the affinity divides by a standard deviation of the same size.
     """
 
     needs_features = False
+    options = ("num_iter", "dilations", "at")
 
-    def __init__(self, num_iter: int = 10, dilations: Sequence[int] = (8, 16)):
+    def __init__(self, num_iter: int = 10, dilations: Sequence[int] = (8, 16), at: str = "original"):
         super().__init__()
-        if int(num_iter) < 0:
-            raise ConfigError(f"num_iter must be >= 0, got {num_iter!r}")
-        dilations = tuple(int(d) for d in dilations)
-        if not dilations or min(dilations) <= 0:
-            raise ConfigError(f"dilations must be positive integers, got {dilations!r}")
-        self.num_iter = int(num_iter)
-        self.dilations = dilations
+        self.configure(num_iter=num_iter, dilations=dilations, at=at)
 
-    def extra_repr(self) -> str:
-        return f"num_iter={self.num_iter}, dilations={self.dilations}"
+    def check_options(self) -> None:
+        self.num_iter = integer(self.num_iter, "num_iter", self.stage_name, minimum=0)
+        if isinstance(self.dilations, (str, bytes)) or not isinstance(self.dilations, Sequence) or not self.dilations:
+            raise ConfigError(f"{self.stage_name}: dilations must be a list of positive integers, got {self.dilations!r}")
+        self.dilations = tuple(integer(d, "dilations", self.stage_name, minimum=1) for d in self.dilations)
+        self.at = choice(self.at, "at", ("original", "resized"), self.stage_name)
 
-    def forward(self, image, boxes, scores, features=None) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        merged = merge_windows(scores.float(), boxes, h, w)
-        return pamr(image.float()[None], merged[None], self.num_iter, self.dilations)[0]
+    def _refine(self, image: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.num_iter == 0:
+            return scores
+        mean = torch.tensor(MMSEG_CLIP_MEAN, device=image.device).view(3, 1, 1)
+        std = torch.tensor(MMSEG_CLIP_STD, device=image.device).view(3, 1, 1)
+        guide = ((image.float() * 255).round() - mean) / std  # the uint8 image, normalised as NACLIP's input
+        if guide.shape[-2:] != scores.shape[-2:]:
+            guide = F.interpolate(guide[None], size=scores.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return pamr(guide[None], scores.float()[None], self.num_iter, self.dilations)[0]
+
+    def refine_canvas(self, image: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self._refine(image, scores) if self.at == "resized" else scores
+
+    def refine_output(self, image: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self._refine(image, scores) if self.at == "original" else scores

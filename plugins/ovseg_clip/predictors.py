@@ -2,8 +2,9 @@
 
 All five share `ClipDensePredictor`: weights via `weights.load_clip`, text embeddings via
 `set_classes`, and the dense forward of `dense.py`; a subclass only names its last block
-(`dense.LAST_BLOCKS`). Output: raw cosines (B, Q, ceil(H/p), ceil(W/p)), float32 whatever the
-module's dtype, so refiners and metrics never see bfloat16 rounding of the scores.
+(`dense.LAST_BLOCKS`) and its authors' patch-grid policy. Output: raw cosines (B, Q, h, w) on the
+patch grid (`floor`/`pad`) or, for `center` windows that needed padding, at pixel resolution; float32
+whatever the module's dtype, so refiners and metrics never see bfloat16 rounding of the scores.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ovseg.errors import ConfigError
-from ovseg.pipeline.stages import VLMPredictor, module_dtype, prepare_images
+from ovseg.pipeline.options import integer, number
+from ovseg.pipeline.patches import grid_layout, prepare_images, to_window
+from ovseg.pipeline.stages import VLMPredictor
 from ovseg.pipeline.vocabulary import Vocabulary
+from ovseg.runtime import module_dtype
 
 from .dense import LAST_BLOCKS, LastBlock, check_vit, cosine_scores, dense_features, naclip_block
 from .templates import get_templates
 from .weights import load_clip
-
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ClipDensePredictor(VLMPredictor):
@@ -37,13 +38,16 @@ class ClipDensePredictor(VLMPredictor):
         templates: "imagenet80" (the 80 OpenAI ImageNet templates) or "single".
         cache_dir: where open_clip tags are looked up / downloaded (None: the usual caches).
         quick_gelu: force the activation (None: from the tag, config or checkpoint format).
-        precision: dtype the module is cast to after loading ("fp32", "bf16", "fp16"); the engine
-            may also cast it later with `.to()`.
         text_batch_size: prompts per `encode_text` call.
         seed: seed of the random weights when pretrained="random".
+        grid: patch-grid policy for windows that are not a multiple of 16 (`pad`, `floor`, `center`; see
+            `ovseg.pipeline.patches`); the default is the method's own code.
+
+    Precision is a run setting (`--precision`, `ovseg.runtime`), not a predictor option.
     """
 
     method: ClassVar[str] = "clip"
+    options = ("grid",)
 
     def __init__(
         self,
@@ -52,18 +56,15 @@ class ClipDensePredictor(VLMPredictor):
         templates: str = "imagenet80",
         cache_dir: str | None = None,
         quick_gelu: bool | None = None,
-        precision: str = "fp32",
         text_batch_size: int = 256,
         seed: int = 0,
+        grid: str | None = None,
     ):
         super().__init__()
-        if precision not in _PRECISIONS:
-            raise ConfigError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
-        if int(text_batch_size) <= 0:
-            raise ConfigError(f"text_batch_size must be positive, got {text_batch_size!r}")
+        self.configure(grid=grid or type(self).grid)
         self.templates_name = templates
         self.templates = get_templates(templates)
-        self.text_batch_size = int(text_batch_size)
+        self.text_batch_size = integer(text_batch_size, "text_batch_size", self.stage_name, minimum=1)
         loaded = load_clip(
             model,
             pretrained,
@@ -88,13 +89,15 @@ class ClipDensePredictor(VLMPredictor):
         self._text: torch.Tensor | None = None  # (Q, E) float32, not a buffer: never cast to bf16
         self._text_cache: dict[str, torch.Tensor] = {}
         self._text_cache_key: tuple | None = None
-        self.to(_PRECISIONS[precision])
+
+    def check_options(self) -> None:
+        self.check_grid()
 
     def _last_block(self) -> LastBlock:
         return LAST_BLOCKS[self.method]
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, weights={self.weights_source}, templates={self.templates_name}"
+        return f"method={self.method}, weights={self.weights_source}, templates={self.templates_name}, " + super().extra_repr()
 
     # -- text -------------------------------------------------------------------------------
 
@@ -132,51 +135,73 @@ class ClipDensePredictor(VLMPredictor):
     # -- images -----------------------------------------------------------------------------
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised float32 patch features (B, h, w, E) of images (B, 3, H, W) in [0, 1]."""
-        x = prepare_images(images, self.mean, self.std, self.patch_size, dtype=module_dtype(self))
+        """L2-normalised float32 patch features (B, h, w, E) of images (B, 3, H, W) in [0, 1], on the
+        patch grid of the predictor's grid policy."""
+        x = prepare_images(images, self.mean, self.std, self.patch_size, dtype=module_dtype(self), grid=self.grid)
         return dense_features(self.clip.visual, x, self.last_block)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw cosines (B, Q, ceil(H/p), ceil(W/p)) between patch features and the cached names."""
+        """Raw cosines between patch features and the cached names: (B, Q, h, w) on the patch grid, or
+        (B, Q, H, W) for `center` windows that needed padding (see `ovseg.pipeline.patches.to_window`)."""
         text = self.text_embeddings
         feats = self.features(images)
         if text.device != feats.device:
             self._text = text = text.to(feats.device)
-        return cosine_scores(feats, text)
+        layout = grid_layout(images.shape[-2], images.shape[-1], self.patch_size, self.grid)
+        return to_window(cosine_scores(feats, text), layout)
 
 
 class CLIPPredictor(ClipDensePredictor):
     """Vanilla CLIP: last block unchanged (q-k attention, residual, FFN)."""
 
     method = "clip"
+    grid = "pad"
 
 
 class MaskCLIPPredictor(ClipDensePredictor):
-    """MaskCLIP (ECCV'22): last block's attention replaced by its value path; residual and FFN kept."""
+    """MaskCLIP (ECCV'22): last block's attention replaced by its value path; residual and FFN kept.
+
+    Grid `pad`: LPOSS/CLIP-DINOiser zero-pad bottom/right to a multiple of 16 before the model.
+    """
 
     method = "maskclip"
+    grid = "pad"
 
 
 class SCLIPPredictor(ClipDensePredictor):
-    """SCLIP (ECCV'24): correlative self-attention softmax(qqᵀ)+softmax(kkᵀ), residual and FFN kept."""
+    """SCLIP (ECCV'24): correlative self-attention softmax(qqᵀ)+softmax(kkᵀ), residual and FFN kept.
+
+    Grid `floor`: SCLIP's stride-16 patch convolution drops a window's remainder, and `forward_feature`
+    stretches the floor grid over the window.
+    """
 
     method = "sclip"
+    grid = "floor"
 
 
 class ClearCLIPPredictor(ClipDensePredictor):
-    """ClearCLIP (ECCV'24): q-q attention without residual and FFN."""
+    """ClearCLIP (ECCV'24): q-q attention without residual and FFN.
+
+    Grid `center`: ClearCLIP's `forward_slide` pads a window evenly to a multiple of 16 (`compute_padsize`)
+    and crops the upsampled logits back.
+    """
 
     method = "clearclip"
+    grid = "center"
 
 
 class NACLIPPredictor(ClipDensePredictor):
     """NACLIP (WACV'25): k-k attention plus a Gaussian neighbourhood bias, without residual and FFN.
 
-    `gaussian_std` is the bias's standard deviation in patches (5 in the paper).
+    `gaussian_std` is the bias's standard deviation in patches (5 in the paper). Grid `floor`, windows and
+    whole images alike: NACLIP's patch convolution drops the remainder and `forward_feature` stretches
+    the floor grid over the input.
     """
 
     method = "naclip"
+    grid = "floor"
+    options = ("grid", "gaussian_std")
 
     def __init__(
         self,
@@ -185,15 +210,18 @@ class NACLIPPredictor(ClipDensePredictor):
         templates: str = "imagenet80",
         cache_dir: str | None = None,
         quick_gelu: bool | None = None,
-        precision: str = "fp32",
         text_batch_size: int = 256,
         seed: int = 0,
+        grid: str | None = None,
         gaussian_std: float = 5.0,
     ):
-        if not float(gaussian_std) > 0:
-            raise ConfigError(f"gaussian_std must be positive, got {gaussian_std!r}")
-        self.gaussian_std = float(gaussian_std)  # read by _last_block during the base __init__
-        super().__init__(model, pretrained, templates, cache_dir, quick_gelu, precision, text_batch_size, seed)
+        self.gaussian_std = gaussian_std  # validated by check_options in the base constructor
+        super().__init__(model, pretrained, templates, cache_dir, quick_gelu, text_batch_size, seed, grid)
+
+    def check_options(self) -> None:
+        super().check_options()
+        self.gaussian_std = number(self.gaussian_std, "gaussian_std", self.stage_name, above=0.0)
+        self.last_block = self._last_block()
 
     def _last_block(self) -> LastBlock:
         base = LAST_BLOCKS["naclip"]

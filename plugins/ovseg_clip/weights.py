@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +46,11 @@ from open_clip.model import (
 )
 
 from ovseg.errors import ConfigError, WeightsError
-from ovseg.pipeline.stages import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ovseg.pipeline.patches import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ovseg.weights import RANDOM, fix_hint, offline_reason, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-RANDOM = "random"
 _OPENAI_KEYS = ("visual.conv1.weight", "visual.proj", "visual.positional_embedding", "text_projection")
 _EXTRA_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -94,60 +92,24 @@ class LoadedModel:
 
 
 def _fix_hint() -> str:
-    return (
-        "Fix: on a machine with network access run `ovseg download` with the same --method and overrides "
-        "(it caches the weights named in the method's config), or pass `predictor.pretrained=/path/to/checkpoint` (an "
-        "open_clip checkpoint or OpenAI's ViT-B-16.pt); `predictor.pretrained=random` runs without weights."
-    )
+    return fix_hint("predictor.pretrained")
 
 
 # --------------------------------------------------------------------------------------------
 # reading checkpoint files
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with a `code/` folder and `constants.pkl`."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
-    """Tensors of a checkpoint file and whether it was a TorchScript archive.
+    """Tensors of a CLIP checkpoint file (via `ovseg.weights.read_checkpoint`) and whether it was TorchScript.
 
-    Plain checkpoints go through `torch.load(weights_only=True)` (no arbitrary code runs).
+    OpenAI's archives carry three non-weight entries (input resolution, context length, vocabulary size),
+    dropped here.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    torchscript = False
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        elif _is_torchscript(path):
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-            torchscript = True
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a checkpoint we can read"
-        raise WeightsError(
-            f"could not read {str(path)!r} as a PyTorch checkpoint (tried "
-            f"{'safetensors' if path.suffix == '.safetensors' else 'TorchScript / torch.load(weights_only=True)'}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise WeightsError(f"{str(path)!r} does not hold a state dict of tensors (got {type(obj).__name__})")
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    ckpt = read_checkpoint(path)
+    sd = dict(ckpt.tensors)
     for key in _EXTRA_OPENAI_KEYS:
         sd.pop(key, None)
-    return sd, torchscript
+    return sd, ckpt.torchscript
 
 
 def _is_openai_layout(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -279,24 +241,6 @@ def build_from_state_dict(
 # resolving open_clip tags without hanging offline
 
 
-def _offline_env() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "OVSEG_OFFLINE"))
-
-
-_REACHABLE: dict[str, bool] = {}
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    """Quick TCP check so that an offline machine fails in seconds instead of hanging in a download."""
-    if host not in _REACHABLE:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            _REACHABLE[host] = True
-        except OSError:
-            _REACHABLE[host] = False
-    return _REACHABLE[host]
-
-
 def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
     """Repository and file names open_clip's `download_pretrained_from_hf` would try, safetensors first."""
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -350,12 +294,10 @@ def resolve_tag(model: str, tag: str, cache_dir: str | None) -> str:
     if cfg.get("url"):
         hosts.append(urlparse(cfg["url"]).hostname or "")
     where = cache_dir or "the Hugging Face / ~/.cache/clip caches"
-    if _offline_env() or not any(_reachable(h) for h in hosts if h):
-        raise WeightsError(
-            f"{model} weights {tag!r} are not in {where} and this machine is offline "
-            f"({'HF_HUB_OFFLINE/OVSEG_OFFLINE is set' if _offline_env() else 'cannot reach ' + ', '.join(hosts)}). "
-            + _fix_hint()
-        )
+    reason = offline_reason(hosts)
+    if reason is not None:
+        raise WeightsError(f"{model} weights {tag!r} are not in {where} and this machine is offline ({reason}). "
+                           + _fix_hint())
     try:
         from open_clip.pretrained import download_pretrained
 

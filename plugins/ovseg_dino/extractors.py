@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
-from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, module_dtype, prepare_images
+from ovseg.pipeline.options import boolean, choice
+from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, prepare_images, resample_pos_embed
+from ovseg.pipeline.stages import FeatureExtractor
+from ovseg.runtime import module_dtype
 
 from . import weights
 
@@ -36,7 +39,10 @@ class TimmViTExtractor(FeatureExtractor):
             the final norm).
         model_kwargs: extra `timm.create_model` arguments (e.g. `{depth: 2}` for tiny test models).
         pos_interpolation: "dino" or "timm" (see module doc); the family's choice by default.
+        normalize: L2-normalise each patch feature (False: the raw features, e.g. CASS's keys).
     """
+
+    options = ("feature", "normalize", "pos_interpolation")
 
     default_model: str = ""
     default_tag: str = ""
@@ -49,16 +55,14 @@ class TimmViTExtractor(FeatureExtractor):
         feature: str = "v",
         model_kwargs: dict | None = None,
         pos_interpolation: str | None = None,
+        normalize: bool = True,
     ):
         super().__init__()
         import timm
 
         name = model or self.default_model
-        if feature not in FEATURES:
-            raise ConfigError(f"feature must be one of {FEATURES}, got {feature!r}")
-        pos_interpolation = pos_interpolation or self.default_pos_interpolation
-        if pos_interpolation not in POS_INTERPOLATIONS:
-            raise ConfigError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got {pos_interpolation!r}")
+        self.configure(feature=feature, normalize=normalize,
+                       pos_interpolation=pos_interpolation or self.default_pos_interpolation)
         arch, _, tag = name.partition(".")
         # find the weights first, so a missing checkpoint fails before a large model is built
         self.random_weights = pretrained in (weights.RANDOM, False, None)
@@ -84,32 +88,24 @@ class TimmViTExtractor(FeatureExtractor):
         if path is not None:
             weights.load_into(vit, path, f"timm model {arch!r}")
         self.vit = vit.eval().requires_grad_(False)
-        self.model_name, self.feature, self.pos_interpolation = name, feature, pos_interpolation
+        self.model_name = name
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.dim = int(vit.embed_dim)
 
+    def check_options(self) -> None:
+        self.feature = choice(self.feature, "feature", FEATURES, self.stage_name)
+        self.normalize = boolean(self.normalize, "normalize", self.stage_name)
+        self.pos_interpolation = choice(self.pos_interpolation, "pos_interpolation", POS_INTERPOLATIONS, self.stage_name)
+
     def extra_repr(self) -> str:
-        return (
-            f"model={self.model_name!r}, feature={self.feature!r}, random_weights={self.random_weights}, "
-            f"pos_interpolation={self.pos_interpolation!r}"
-        )
+        return f"model={self.model_name!r}, " + super().extra_repr()
 
     def _patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Positional embeddings of an h×w patch grid, (1, h·w, C)."""
+        """Positional embeddings of an h×w patch grid, (1, h·w, C), resampled as the family's code does."""
         vit = self.vit
-        pos = vit.pos_embed
         start = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        gh, gw = vit.patch_embed.grid_size
-        if (h, w) == (gh, gw):
-            return pos[:, start:]
-        grid = pos[:, start:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        if self.pos_interpolation == "dino":  # DINO's interpolate_pos_encoding
-            grid = F.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic", align_corners=False)
-        else:  # timm.layers.resample_abs_pos_embed == DINOv2-reg (size, antialias)
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        if grid.shape[-2:] != (h, w):
-            raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
-        return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)
+        grid0 = tuple(vit.patch_embed.grid_size)
+        return resample_pos_embed(vit.pos_embed[:, start:], grid0, (h, w), self.pos_interpolation, prefix=0)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + prefix tokens + positional embeddings, as timm's `_pos_embed` does."""
@@ -126,11 +122,13 @@ class TimmViTExtractor(FeatureExtractor):
             tokens = torch.cat(prefix + [tokens], dim=1) + pos
         return vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features (B, D, ceil(H/p), ceil(W/p)) of float images (B, 3, H, W) in [0, 1]."""
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h·w, D) of images already normalised and a multiple of the patch size.
+
+        The entry point for predictors that own a vision model and prepare its input themselves; no
+        L2 normalisation, prefix tokens dropped, in the weights' dtype.
+        """
         vit = self.vit
-        x = prepare_images(images, IMAGENET_MEAN, IMAGENET_STD, self.patch_size, dtype=module_dtype(vit))
-        b, h, w = x.shape[0], x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens = self._tokens(x)
         for block in vit.blocks[:-1]:
             tokens = block(tokens)
@@ -142,8 +140,16 @@ class TimmViTExtractor(FeatureExtractor):
             c = qkv.shape[-1] // 3
             i = "qkv".index(self.feature)
             out = qkv[..., i * c : (i + 1) * c]
-        out = out[:, vit.num_prefix_tokens :]
-        out = F.normalize(out.float(), dim=-1).to(out.dtype)
+        return out[:, vit.num_prefix_tokens :]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (B, D, ceil(H/p), ceil(W/p)), float32, of float images (B, 3, H, W) in [0, 1]: ImageNet
+        normalisation, zero padding to the patch grid, L2-normalised per patch unless `normalize` is False."""
+        x = prepare_images(images, IMAGENET_MEAN, IMAGENET_STD, self.patch_size, dtype=module_dtype(self.vit))
+        b, h, w = x.shape[0], x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        out = self.encode(x).float()
+        if self.normalize:
+            out = F.normalize(out, dim=-1)
         return out.transpose(1, 2).reshape(b, -1, h, w)
 
 

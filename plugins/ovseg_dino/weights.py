@@ -9,9 +9,7 @@ when the Hub answers: without network the error comes in seconds, not after a mi
 
 from __future__ import annotations
 
-import argparse
 import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,17 +18,15 @@ import torch
 from torch import nn
 
 from ovseg.errors import WeightsError
+from ovseg.weights import RANDOM, fix_hint, offline_reason, read_checkpoint
 
-RANDOM = "random"
+__all__ = ["RANDOM", "local_file", "hub_name", "looks_like_path", "resolve_hub_file", "load_into"]
+
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-_PROBE_TIMEOUT_S = 3.0
 
 
 def _fix_hint() -> str:
-    return (
-        "Fix: run `ovseg download` with the same --method and overrides on a connected machine and copy its "
-        "Hugging Face cache here, or set `extractor.pretrained=/path/to/checkpoint.pth`."
-    )
+    return fix_hint("extractor.pretrained")
 
 
 def local_file(path: str) -> str:
@@ -77,8 +73,8 @@ def resolve_hub_file(name: str) -> str:
         if path.is_file():
             return str(path)
         tried.append(f"the torch hub cache ({path})")
-    reason = _offline_reason()
-    if reason is None and cfg.hf_hub_id:
+    reason = _offline_reason() if cfg.hf_hub_id else "timm has no Hugging Face Hub copy of it to download"
+    if reason is None:
         from huggingface_hub import hf_hub_download
 
         errors = []
@@ -95,51 +91,10 @@ def resolve_hub_file(name: str) -> str:
 
 
 def _offline_reason() -> str | None:
-    """Why the Hub cannot be reached right now, or None if it may be (a quick TCP probe, no retries)."""
+    """Why the Hugging Face Hub cannot be reached right now (`ovseg.weights.offline_reason`), or None."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("OVSEG_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE/OVSEG_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # a proxy may reach the Hub where a direct connection cannot: let the download try
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        return f"{host} is unreachable ({exc.strerror or exc})"
-    return None
-
-
-def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local file, read safely (`weights_only=True` or safetensors)."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"checkpoint file {path!r} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path, device="cpu")
-        else:
-            # DINO "full" checkpoints also pickle their argparse Namespace; allow it and nothing else
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(
-            f"cannot read checkpoint {path!r} safely (weights_only=True): {type(exc).__name__}: {exc}"
-        ) from exc
-    for key in ("teacher", "state_dict", "model"):  # DINO training checkpoints keep the teacher
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"checkpoint {path!r} does not hold a state dict of tensors")
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
+    return offline_reason([urlparse(constants.ENDPOINT).hostname or "huggingface.co"])
 
 
 def load_into(vit: nn.Module, path: str, what: str) -> None:
@@ -147,7 +102,10 @@ def load_into(vit: nn.Module, path: str, what: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        state = checkpoint_filter_fn(read_checkpoint(path), vit)
+        tensors = read_checkpoint(path, strip_prefixes=("module.", "backbone."), untrusted_hint=(
+            "Only if you trust the file: load it with torch.load(weights_only=False) and save its state dict alone."
+        )).tensors
+        state = checkpoint_filter_fn(tensors, vit)
         result = vit.load_state_dict(state, strict=False)
     except WeightsError:
         raise

@@ -1,23 +1,22 @@
 """LPOSS and LPOSS+ refiners: patch label propagation over all windows jointly (+ pixel propagation).
 
-`LPOSSRefiner` builds one kNN graph over the patches of every window of the image, propagates the
-VLM's raw scores on it (`propagate_patches`) and merges the windows on the canvas like the `none`
-refiner. `LPOSSPlusRefiner` then propagates the merged map over the pixel graph of the resized image
-(`propagate_pixels`). Outputs are float32 (float64 if the scores are float64), whatever the scores'
-dtype, because the solvers run in float32 at least.
+`LPOSSRefiner` builds one kNN graph over the patches of every window of the image and propagates the
+VLM's raw scores on it (`propagate_patches`): its windows step; the segmenter then merges the windows
+as for every refiner. `LPOSSPlusRefiner` adds a canvas step: it propagates the merged map over the
+pixel graph of the resized image (`propagate_pixels`). Outputs are float32 (float64 if the scores are
+float64), whatever the scores' dtype, because the solvers run in float32 at least.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
+from ovseg.pipeline.options import integer, number
 from ovseg.pipeline.stages import Refiner
-from ovseg.pipeline.windows import merge_windows
 
 from .patch_lp import propagate_patches
 from .pixel_lp import propagate_pixels
@@ -51,9 +50,10 @@ def patch_centers(boxes: torch.Tensor, grid: tuple[int, int], patch_size: int) -
 
 
 class LPOSSRefiner(Refiner):
-    """LPOSS: label propagation over the patches of all windows, then the windows merged on the canvas."""
+    """LPOSS: label propagation over the patches of all windows (the windows step; the segmenter merges)."""
 
     needs_features = True
+    options = ("k", "gamma", "sigma", "pix_dist_pow", "alpha", "tol", "maxiter", "patch_size")
 
     def __init__(
         self,
@@ -70,48 +70,24 @@ class LPOSSRefiner(Refiner):
         self.configure(k=k, gamma=gamma, sigma=sigma, pix_dist_pow=pix_dist_pow, alpha=alpha, tol=tol,
                        maxiter=maxiter, patch_size=patch_size)
 
-    def configure(self, **options) -> None:
-        """Set options (construction and per-dataset overrides); unknown names or bad values are errors
-        and leave the refiner as it was."""
-        known = self._options()
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown option(s) {unknown}; known: {sorted(known)}")
-        previous = dict(self.__dict__)
-        self.__dict__.update(options)
-        try:
-            self._check()
-        except (ConfigError, TypeError, ValueError) as exc:
-            self.__dict__.clear()
-            self.__dict__.update(previous)
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"{type(self).__name__}: bad option value in {options}: {exc}") from exc
+    def check_options(self) -> None:
+        """Validate and normalise the patch-stage options (typed: `k=2.5` or `k=true` are refused)."""
+        owner = self.stage_name
+        self.k = integer(self.k, "k", owner, minimum=1)
+        self.maxiter = integer(self.maxiter, "maxiter", owner, minimum=0)
+        self.alpha = number(self.alpha, "alpha", owner, minimum=0.0, below=1.0)
+        self.gamma = number(self.gamma, "gamma", owner)
+        self.sigma = number(self.sigma, "sigma", owner, minimum=0.0)
+        self.pix_dist_pow = number(self.pix_dist_pow, "pix_dist_pow", owner)
+        self.tol = number(self.tol, "tol", owner, minimum=0.0)
+        self.patch_size = None if self.patch_size is None else integer(self.patch_size, "patch_size", owner, minimum=1)
 
-    def _check(self) -> None:
-        """Validate and normalise the patch-stage options."""
-        if self.k < 1 or self.maxiter < 0 or not 0.0 <= self.alpha < 1.0:
-            raise ConfigError(
-                f"invalid LPOSS parameters: k={self.k}, maxiter={self.maxiter}, alpha={self.alpha} "
-                "(need k>=1, maxiter>=0, 0<=alpha<1)"
-            )
-        self.k, self.maxiter = int(self.k), int(self.maxiter)
-        self.gamma, self.sigma, self.pix_dist_pow = float(self.gamma), float(self.sigma), float(self.pix_dist_pow)
-        self.alpha, self.tol = float(self.alpha), float(self.tol)
-        self.patch_size = None if self.patch_size is None else int(self.patch_size)
+    def refine_windows(self, image, boxes, scores, features) -> torch.Tensor:
+        """Patch LP over all windows: (W, Q, h, w) scores, (W, D, h', w') features -> (W, Q, h', w').
 
-    @classmethod
-    def _options(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def extra_repr(self) -> str:
-        return (
-            f"k={self.k}, gamma={self.gamma}, sigma={self.sigma}, pix_dist_pow={self.pix_dist_pow}, "
-            f"alpha={self.alpha}, tol={self.tol}, maxiter={self.maxiter}"
-        )
-
-    def propagate_windows(self, boxes: torch.Tensor, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Patch LP over all windows: (W, Q, h, w) scores, (W, D, h', w') features -> (W, Q, h', w')."""
+        Scores on another grid than the features (CLIP /16 with DINOv2 /14, a VFM's /8 grid, pixels) are
+        resampled bilinearly to the feature grid first.
+        """
         if features is None:
             raise ConfigError(f"{type(self).__name__} needs patch features: configure an extractor (e.g. dino)")
         if scores.ndim != 4 or features.ndim != 4 or scores.shape[0] != features.shape[0] or len(boxes) != scores.shape[0]:
@@ -123,7 +99,7 @@ class LPOSSRefiner(Refiner):
         grid = tuple(features.shape[-2:])
         dtype = torch.promote_types(scores.dtype, torch.float32)
         scores = scores.to(dtype)
-        if tuple(scores.shape[-2:]) != grid:  # e.g. CLIP /16 scores with DINOv2 /14 features
+        if tuple(scores.shape[-2:]) != grid:
             scores = F.interpolate(scores, size=grid, mode="bilinear", align_corners=False)
         p = self.patch_size or infer_patch_size(boxes, grid)
         feats = F.normalize(features.to(device=scores.device, dtype=dtype).flatten(2).transpose(1, 2), dim=-1)
@@ -141,13 +117,11 @@ class LPOSSRefiner(Refiner):
         )
         return out.view(n, grid[0], grid[1], q).permute(0, 3, 1, 2)
 
-    def forward(self, image, boxes, scores, features) -> torch.Tensor:
-        windows = self.propagate_windows(boxes, scores, features)
-        return merge_windows(windows, boxes, image.shape[-2], image.shape[-1])
-
 
 class LPOSSPlusRefiner(LPOSSRefiner):
     """LPOSS+: LPOSS, then label propagation over the pixels of the resized image (Lab colour graph)."""
+
+    options = LPOSSRefiner.options + ("radius", "tau", "pixel_alpha", "pixel_tol", "pixel_maxiter")
 
     def __init__(
         self,
@@ -166,31 +140,28 @@ class LPOSSPlusRefiner(LPOSSRefiner):
         patch_size: int | None = None,
     ):
         """`radius` 6 is the reference's r = 13 window; `pixel_*` None means the patch stage's value."""
-        # the pixel options exist before the base constructor validates the patch options
-        self.__dict__.update(radius=radius, tau=tau, pixel_alpha=pixel_alpha, pixel_tol=pixel_tol,
-                             pixel_maxiter=pixel_maxiter)
-        super().__init__(k, gamma, sigma, pix_dist_pow, alpha, tol, maxiter, patch_size)
+        Refiner.__init__(self)
+        self.configure(k=k, gamma=gamma, sigma=sigma, pix_dist_pow=pix_dist_pow, alpha=alpha, tol=tol,
+                       maxiter=maxiter, patch_size=patch_size, radius=radius, tau=tau, pixel_alpha=pixel_alpha,
+                       pixel_tol=pixel_tol, pixel_maxiter=pixel_maxiter)
 
-    def _check(self) -> None:
-        super()._check()
-        if self.radius < 0 or self.tau <= 0:
-            raise ConfigError(f"invalid LPOSS+ pixel parameters: radius={self.radius}, tau={self.tau}")
-        self.radius, self.tau = int(self.radius), float(self.tau)
-        self.pixel_alpha = None if self.pixel_alpha is None else float(self.pixel_alpha)
-        self.pixel_tol = None if self.pixel_tol is None else float(self.pixel_tol)
-        self.pixel_maxiter = None if self.pixel_maxiter is None else int(self.pixel_maxiter)
+    def check_options(self) -> None:
+        super().check_options()
+        owner = self.stage_name
+        self.radius = integer(self.radius, "radius", owner, minimum=0)
+        self.tau = number(self.tau, "tau", owner, above=0.0)
+        if self.pixel_alpha is not None:
+            self.pixel_alpha = number(self.pixel_alpha, "pixel_alpha", owner, minimum=0.0, below=1.0)
+        if self.pixel_tol is not None:
+            self.pixel_tol = number(self.pixel_tol, "pixel_tol", owner, minimum=0.0)
+        if self.pixel_maxiter is not None:
+            self.pixel_maxiter = integer(self.pixel_maxiter, "pixel_maxiter", owner, minimum=0)
 
-    def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + f", radius={self.radius}, tau={self.tau}, pixel_alpha={self.pixel_alpha}, pixel_maxiter={self.pixel_maxiter}"
-        )
-
-    def forward(self, image, boxes, scores, features) -> torch.Tensor:
-        merged = super().forward(image, boxes, scores, features)
+    def refine_canvas(self, image, scores) -> torch.Tensor:
+        """Pixel LP of the merged map over the resized image's Lab graph."""
         return propagate_pixels(
-            image.to(merged.device),
-            merged,
+            image.to(scores.device),
+            scores,
             radius=self.radius,
             tau=self.tau,
             alpha=self.alpha if self.pixel_alpha is None else self.pixel_alpha,

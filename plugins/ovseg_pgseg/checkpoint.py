@@ -16,7 +16,6 @@ temperature) are dropped; every other key must match the model exactly.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ovseg.errors import WeightsError
+from ovseg.weights import read_checkpoint as _read
 
 #: release key prefix -> this port's, first match wins
 _RENAMES = tuple(
@@ -51,51 +51,13 @@ _TRAINING_ONLY = re.compile(
 def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """The model state dict stored in `path` (a release `.pth`, a bare state dict or `.safetensors`).
 
-    Raises `WeightsError` when the file is missing or unreadable, or when it holds pickled Python
-    objects besides tensors and `trust` is False.
+    Read by `ovseg.weights.read_checkpoint`: `WeightsError` when the file is missing or damaged, or when
+    it pickles Python objects besides tensors and `trust` is False.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust:
-            raise WeightsError(
-                f"checkpoint {path} holds pickled Python objects besides tensors (the releases store their "
-                "training config this way), which can run arbitrary code when loaded. If you trust the file, "
-                "pass trust_checkpoint=True, or convert it once with "
-                f"`python -m ovseg_pgseg.checkpoint {path} OUT.pth --trust`"
-            ) from exc
-        obj = _load_trusted(path)
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files: name the file
-        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    return _state_dict_of(obj, path)
-
-
-def _load_trusted(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj:
-        raise WeightsError(f"checkpoint {path} holds no state dict (expected a dict, or a dict with a 'model' entry)")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        state[key.removeprefix("module.")] = value
-    return state
+    return _read(path, trust=trust, untrusted_hint=(
+        "The releases store their training config this way. If you trust the file, pass trust_checkpoint=True, "
+        f"or convert it once with `python -m ovseg_pgseg.checkpoint {path} OUT.safetensors --trust`."
+    )).tensors
 
 
 def convert_release_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -8,7 +8,6 @@ that checkpoint conversion only renames containers (see `checkpoint.py`). Attent
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -127,18 +126,3 @@ class CrossAttnBlock(nn.Module):
         x = query + self.attn(query, key)
         x = x + self.mlp(self.norm2(x))
         return self.norm_post(x)
-
-
-def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize a square (1, N, C) positional table to a (height, width) patch grid.
-
-    GroupViT's size-based bicubic resize (`align_corners=False`), skipped when the grid already
-    matches. The table is resized in its own dtype, as the release does.
-    """
-    n, c = pos_embed.shape[1:]
-    side = int(math.sqrt(n))
-    if side * side == n and side == height == width:
-        return pos_embed
-    grid = pos_embed.reshape(1, side, side, c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, height * width, c)

@@ -14,8 +14,9 @@ stages. Scores for a window are therefore `assignment (N, G) @ group_scores (G, 
   probabilities `softmax(top-k masked) * softmax`, in [0, 1]; with `bg_thresh` the names of class
   `background_class` are not matched and score 1 on background groups, 0 elsewhere.
 
-`grid="patch"` returns the patch grid (B, Q, ceil(H/p), ceil(W/p)); `grid="pixel"` resizes the
-assignment to the input pixels before the arg-max (B, Q, H, W), as the release does. Only the `none`
+`output="patch"` returns the patch grid (B, Q, ceil(H/p), ceil(W/p)); `output="pixel"` resizes the
+assignment to the input pixels before the arg-max (B, Q, H, W), as the release does. Windows are
+zero-padded to a multiple of the patch (grid policy `pad`). Only the `none`
 refiner (bilinear resize to the window, an identity at equal size) reproduces the release from it.
 
 This is a port of NVIDIA-licensed research code (NVIDIA Source Code License, non-commercial).
@@ -29,7 +30,10 @@ from typing import Sequence
 import torch
 
 from ovseg.errors import ConfigError
-from ovseg.pipeline.stages import IMAGENET_MEAN, IMAGENET_STD, VLMPredictor, module_dtype, prepare_images
+from ovseg.pipeline.options import choice, integer, number
+from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, prepare_images
+from ovseg.pipeline.stages import VLMPredictor
+from ovseg.runtime import module_dtype
 from ovseg.pipeline.vocabulary import Vocabulary
 
 from .checkpoint import load_release_weights
@@ -39,7 +43,7 @@ from .model import GroupViTConfig, GroupViTModel
 #: the release evaluates segmentation with the `simple` template
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 DECODES = ("soft", "paper")
-GRIDS = ("patch", "pixel")
+OUTPUTS = ("patch", "pixel")
 #: prompts encoded per text-encoder call
 _TEXT_BATCH = 1024
 
@@ -68,7 +72,7 @@ class GroupViTPredictor(VLMPredictor):
         templates: prompt templates; names are embedded as the release does (mean of the projected
             template embeddings, then L2-normalised).
         decode: `"soft"` or `"paper"` (see the module docstring).
-        grid: `"patch"` or `"pixel"`.
+        output: `"patch"` or `"pixel"` (the grid of the returned scores).
         topk: `decode="paper"`: classes kept per window (the release: 5).
         bg_thresh: `decode="paper"`: the release's background threshold; None = no thresholding
             (the background class, if any, is matched by its names like any other class).
@@ -78,9 +82,11 @@ class GroupViTPredictor(VLMPredictor):
 
     npr = False
     kind = "groupvit"
+    grid = "pad"
+    options = ("decode", "output", "topk", "bg_thresh", "background_class")
     # decoding options (see `configure`)
     decode: str = "soft"
-    grid: str = "patch"
+    output: str = "patch"
     topk: int = 5
     bg_thresh: float | None = None
     background_class: int = 0
@@ -92,7 +98,7 @@ class GroupViTPredictor(VLMPredictor):
         trust_checkpoint: bool = False,
         templates: str | Sequence[str] = "simple",
         decode: str = "soft",
-        grid: str = "patch",
+        output: str = "patch",
         topk: int = 5,
         bg_thresh: float | None = None,
         background_class: int = 0,
@@ -112,42 +118,33 @@ class GroupViTPredictor(VLMPredictor):
         self.model.eval()
         self.patch_size = cfg.patch_size
         self.templates = resolve_templates(templates, where)
-        self.configure(decode=decode, grid=grid, topk=topk, bg_thresh=bg_thresh, background_class=background_class)
+        self.configure(decode=decode, output=output, topk=topk, bg_thresh=bg_thresh, background_class=background_class)
         self.vocabulary: Vocabulary | None = None
-        self.register_buffer("text_embeddings", torch.empty(0), persistent=False)
+        self.register_buffer("_text", torch.empty(0), persistent=False)
         self._tokenizer = None
 
-    def configure(self, **options) -> None:
-        """Change decoding options (`decode`, `grid`, `topk`, `bg_thresh`, `background_class`) in place.
-
-        They only affect `forward`, so a segmenter can set per-dataset values (e.g. the release's
-        background thresholds) without reloading weights.
-        """
+    def check_options(self) -> None:
+        """Decoding options (`decode`, `output`, `topk`, `bg_thresh`, `background_class`) only affect
+        `forward`, so a segmenter can set per-dataset values (the release's background thresholds)
+        through `configure` without reloading weights."""
         where = f"predictor {self.kind}"
-        allowed = ("decode", "grid", "topk", "bg_thresh", "background_class")
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(f"{where}: unknown decoding option(s) {unknown}; known: {list(allowed)}")
-        new = {name: options.get(name, getattr(self, name)) for name in allowed}
-        if new["decode"] not in DECODES:
-            raise ConfigError(f"{where}: decode must be one of {DECODES}, got {new['decode']!r}")
-        if new["grid"] not in GRIDS:
-            raise ConfigError(f"{where}: grid must be one of {GRIDS}, got {new['grid']!r}")
-        if isinstance(new["topk"], bool) or not isinstance(new["topk"], int) or new["topk"] < 1:
-            raise ConfigError(f"{where}: topk must be a positive integer, got {new['topk']!r}")
-        thresh = new["bg_thresh"]
-        if thresh is not None and (
-            new["decode"] != "paper" or not isinstance(thresh, (int, float)) or not 0.0 <= thresh <= 1.0
-        ):
-            raise ConfigError(
-                f"{where}: bg_thresh must be in [0, 1] and needs decode='paper' (got bg_thresh={thresh!r}, "
-                f"decode={new['decode']!r}); with decode='soft' use the protocol's logit_scale and prob_thd"
-            )
-        if isinstance(new["background_class"], bool) or not isinstance(new["background_class"], int) or new["background_class"] < 0:
-            raise ConfigError(f"{where}: background_class must be a class index, got {new['background_class']!r}")
-        new["bg_thresh"] = None if thresh is None else float(thresh)
-        for name, value in new.items():
-            setattr(self, name, value)
+        self.decode = choice(self.decode, "decode", DECODES, where)
+        self.output = choice(self.output, "output", OUTPUTS, where)
+        self.topk = integer(self.topk, "topk", where, minimum=1)
+        if self.bg_thresh is not None:
+            if self.decode != "paper":
+                raise ConfigError(
+                    f"{where}: bg_thresh needs decode='paper' (got bg_thresh={self.bg_thresh!r}, decode={self.decode!r}); "
+                    "with decode='soft' use the protocol's logit_scale and prob_thd"
+                )
+            self.bg_thresh = number(self.bg_thresh, "bg_thresh", where, minimum=0.0, maximum=1.0)
+        self.background_class = integer(self.background_class, "background_class", where, minimum=0)
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        if self.vocabulary is None:
+            raise RuntimeError(f"{type(self).__name__}: call set_classes(...) before predicting")
+        return self._text
 
     def train(self, mode: bool = True):
         """Inference only: the model stays in eval mode (BatchNorm running statistics, hard grouping)."""
@@ -171,10 +168,10 @@ class GroupViTPredictor(VLMPredictor):
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
         vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
         prompts = [t(name) if callable(t) else t.format(name) for name in vocab.names for t in self.templates]
-        tokens = self._tokenize(prompts).to(self.text_embeddings.device)
+        tokens = self._tokenize(prompts).to(self._text.device)
         emb = torch.cat([self.model.encode_text(chunk).float() for chunk in tokens.split(_TEXT_BATCH)])
         emb = emb.view(len(vocab.names), len(self.templates), -1).mean(dim=1)
-        self.text_embeddings = torch.nn.functional.normalize(emb, dim=-1)
+        self._text = torch.nn.functional.normalize(emb, dim=-1)
         self.vocabulary = vocab
 
     def _background_names(self) -> torch.Tensor | None:
@@ -213,7 +210,7 @@ class GroupViTPredictor(VLMPredictor):
             )
         assignment = enc.assignment.float()
         size = enc.grid
-        if self.grid == "pixel":
+        if self.output == "pixel":
             assignment = assignment_to_pixels(assignment, enc.grid, self.patch_size, (height, width))
             size = (height, width)
         if self.decode == "paper":
@@ -223,7 +220,7 @@ class GroupViTPredictor(VLMPredictor):
 
     def extra_repr(self) -> str:
         return (
-            f"random_weights={self.random_weights}, decode={self.decode!r}, grid={self.grid!r}, topk={self.topk}, "
+            f"random_weights={self.random_weights}, decode={self.decode!r}, output={self.output!r}, topk={self.topk}, "
             f"bg_thresh={self.bg_thresh}, templates={len(self.templates)}"
         )
 

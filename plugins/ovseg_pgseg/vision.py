@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ovseg.pipeline.patches import resample_pos_embed
+
 from .grouping import GroupingStage
-from .layers import interpolate_pos_embed
 
 
 @dataclass
@@ -79,7 +81,8 @@ class GroupViTVisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> VisionOutput:
         """`images`: normalised (B, 3, H, W) with H and W multiples of the patch size."""
         x, grid = self.patch_embed(images)
-        x = x + interpolate_pos_embed(self.pos_embed, *grid)
+        side = math.isqrt(self.pos_embed.shape[1])  # GroupViT's table is square, without a class position
+        x = x + resample_pos_embed(self.pos_embed, (side, side), tuple(grid), "size", prefix=0)
         group_tokens = None
         assignment = None
         for stage in self.stages:

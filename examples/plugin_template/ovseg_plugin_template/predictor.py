@@ -46,12 +46,21 @@ class ColorPrototypePredictor(VLMPredictor):
         # (Q, 3) unit vectors, one per name; a buffer so that .to(device) moves it with the module
         self.register_buffer("prototypes", torch.zeros(0, 3), persistent=False)
 
+    #: windows that are not a multiple of the patch are zero-padded bottom/right (ovseg.pipeline.patches)
+    grid = "pad"
+
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
         """Cache one prototype per name, in the vocabulary's class-major name order."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary(vocabulary)
         rgb = torch.tensor([self.colors.get(n, name_colour(n)) for n in vocabulary.names], dtype=torch.float32)
         self.prototypes = F.normalize(rgb - 0.5, dim=1).to(self.prototypes.device)
+        self.vocabulary = vocabulary
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """(Q, 3): this predictor's "text embeddings" are its colour prototypes."""
+        return self.prototypes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) floats in [0, 1] -> raw cosines (B, Q, ceil(H/p), ceil(W/p)), no softmax."""
@@ -63,4 +72,4 @@ class ColorPrototypePredictor(VLMPredictor):
         # as every stage does; padded pixels then count as grey
         x = F.pad(images.float() - 0.5, (0, -w % p, 0, -h % p))
         patches = F.normalize(F.avg_pool2d(x, p), dim=1)  # (B, 3, h, w); an exactly grey patch stays 0
-        return torch.einsum("bchw,qc->bqhw", patches, self.prototypes.float())
+        return torch.einsum("bchw,qc->bqhw", patches, self.prototypes.float())  # float32, as every stage returns
