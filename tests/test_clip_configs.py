@@ -44,7 +44,7 @@ def test_method_protocols_are_valid(name):
     assert set(cfg["protocol"]) == {"short_side", "long_side_max", "crop", "stride", "logit_scale", "prob_thd", "area_thd"}
     for ds in DATASETS:
         override = cfg["datasets"].get(ds, {})
-        assert set(override) <= {"protocol"}
+        assert set(override) <= {"protocol", "classes"}
         proto = Protocol.from_dict({**cfg["protocol"], **override.get("protocol", {})}, where=f"{name}.{ds}")
         # a background threshold on a dataset without background ruins it (SCLIP issue #2)
         if ds not in WITH_BACKGROUND:
@@ -52,10 +52,14 @@ def test_method_protocols_are_valid(name):
 
 
 def test_published_protocol_details():
-    """Spot checks of the per-paper settings (baselines.md §3)."""
+    """Spot checks of the per-paper settings (each repository's configs and segmentor)."""
     sclip, naclip, clear = _load("sclip"), _load("naclip"), _load("clearclip")
     assert sclip["datasets"]["voc21"]["protocol"] == {"logit_scale": 65, "prob_thd": 0.1, "area_thd": 0.1}
     assert sclip["datasets"]["coco_stuff"]["protocol"]["short_side"] == 448
-    assert naclip["refiner"] == {"name": "pamr", "num_iter": 10, "dilations": [8, 16]}
+    assert naclip["refiner"] == {"name": "pamr", "num_iter": 10, "dilations": [8, 16], "at": "original"}
+    assert naclip["predictor"]["grid"] == "floor" and clear["predictor"]["grid"] == "center"
+    # ClearCLIP's own class files: plain background / person / tvmonitor, no synonyms
+    voc = clear["datasets"]["voc21"]["classes"]
+    assert voc[0] == "background" and "tvmonitor" in voc and "person" in voc and all("," not in c for c in voc)
     assert naclip["datasets"]["voc21"]["protocol"]["crop"] is None and naclip["datasets"]["voc20"]["protocol"]["crop"] is None
     assert (clear["protocol"]["short_side"], clear["protocol"]["crop"], clear["protocol"]["stride"]) == (448, 448, 224)
