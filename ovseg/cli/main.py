@@ -12,6 +12,7 @@ from pathlib import Path
 from ovseg.errors import OvsegError
 
 from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
+from .cache import add_parser as add_cache_parser, cmd_cache
 
 EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     cmp.add_argument("--output", type=Path, default=Path("comparison"))
     cmp.add_argument("--wandb", metavar="PROJECT", help="also push the table to W&B")
+    add_cache_parser(sub)
     return parser
 
 
@@ -197,7 +199,7 @@ def cmd_predict(args) -> int:
 
 
 COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cmd_download, "compare": cmd_compare,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ whatever the module's dtype, so refiners and metrics never see bfloat16 rounding
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import partial
 from typing import ClassVar, Sequence
@@ -21,10 +22,13 @@ from ovseg.pipeline.options import integer, number
 from ovseg.pipeline.patches import grid_layout, prepare_images, to_window
 from ovseg.pipeline.stages import VLMPredictor
 from ovseg.pipeline.vocabulary import Vocabulary
-from ovseg.runtime import module_dtype
+from ovseg.pipeline.text import weights_version
+from ovseg.runtime import module_device, module_dtype
+from ovseg.text_cache import cached_embeddings, file_digest
 
 from .dense import LAST_BLOCKS, LastBlock, check_vit, cosine_scores, dense_features, naclip_block
 from .templates import get_templates
+from .text import encode_tokens, text_parameters, tower_signature
 from .weights import load_clip
 
 
@@ -89,6 +93,13 @@ class ClipDensePredictor(VLMPredictor):
         self._text: torch.Tensor | None = None  # (Q, E) float32, not a buffer: never cast to bf16
         self._text_cache: dict[str, torch.Tensor] = {}
         self._text_cache_key: tuple | None = None
+        # what the weights are (for the disk cache of text embeddings), valid while they are not modified
+        self._weights_id = (
+            f"random {model} quick_gelu={bool(quick_gelu)} seed={seed} open_clip {open_clip.__version__} torch {torch.__version__}"
+            if loaded.random_weights else None
+        )
+        self._weights_path = loaded.path
+        self._weights_version = weights_version(text_parameters(self.clip))
 
     def check_options(self) -> None:
         self.check_grid()
@@ -101,23 +112,56 @@ class ClipDensePredictor(VLMPredictor):
 
     # -- text -------------------------------------------------------------------------------
 
+    def text_key(self) -> dict | None:
+        """What fixes a name's embedding besides the name (the disk cache's key), or None when the weights
+        cannot be identified (modified in place since they were loaded: nothing is cached on disk).
+
+        Weights: the checkpoint's content digest, or, for random weights, the model, seed and library
+        versions (open_clip's initialisation is deterministic given those). Also the model config, the text
+        tower's architecture, the tokenizer, the templates and the weights' dtype.
+        """
+        if weights_version(text_parameters(self.clip)) != self._weights_version:
+            return None
+        if self._weights_id is None:
+            self._weights_id = file_digest(self._weights_path)
+        tok = self.tokenizer
+        prompts = [t("{}") for t in self.templates]
+        return {
+            "encoder": "ovseg_clip normalise-mean-normalise",
+            "model": self.model_name,
+            "weights": self._weights_id,
+            "tower": tower_signature(self.clip),
+            "tokenizer": [type(tok).__name__, getattr(tok, "context_length", None),
+                          getattr(getattr(tok, "tokenizer", None), "name_or_path", None)],
+            "templates_name": self.templates_name,
+            "templates": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32],
+            "dtype": str(module_dtype(self.clip)).replace("torch.", ""),
+        }
+
     @torch.no_grad()
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
-        """(len(names), E) float32: per name, normalise each template embedding, mean, normalise."""
-        device = next(self.clip.parameters()).device
+        """(len(names), E) float32: per name, normalise each template embedding, mean, normalise.
+
+        From the disk cache of text embeddings (`ovseg.text_cache`) where it has them; the others are encoded
+        in length-sorted batches cut after their longest prompt (`text.encode_tokens`), in the weights'
+        dtype and never under autocast (a run's `*-mixed` precision does not change its text embeddings).
+        """
+        return cached_embeddings(self.text_key(), names, self._encode_names).to(module_device(self.clip))
+
+    def _encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        device = module_device(self.clip)
         prompts = [t(name) for name in names for t in self.templates]
-        chunks = []
-        for i in range(0, len(prompts), self.text_batch_size):
-            tokens = self.tokenizer(prompts[i : i + self.text_batch_size]).to(device)
-            chunks.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
-        emb = torch.cat(chunks).view(len(names), len(self.templates), -1).mean(dim=1)
+        tokens = self.tokenizer(prompts).to(device)
+        with torch.autocast(device.type, enabled=False):
+            emb = encode_tokens(self.clip, tokens, self.text_batch_size)
+        emb = F.normalize(emb.float(), dim=-1).view(len(names), len(self.templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
-        """Encode (only the names not encoded before with this dtype/device) and cache the queries."""
+        """Encode (only the names not encoded before with these weights and dtype) and cache the queries."""
         vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
         param = next(self.clip.parameters())
-        key = (param.dtype, param.device)
+        key = (param.dtype, param.device, weights_version(text_parameters(self.clip)))
         if key != self._text_cache_key:
             self._text_cache, self._text_cache_key = {}, key
         missing = [n for n in dict.fromkeys(vocab.names) if n not in self._text_cache]

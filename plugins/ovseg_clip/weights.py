@@ -89,6 +89,7 @@ class LoadedModel:
     random_weights: bool
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN  # image normalisation the weights were trained with
     std: tuple[float, ...] = OPENAI_CLIP_STD
+    path: str | None = None  # the checkpoint file read (None for random weights): identifies cached text
 
 
 def _fix_hint() -> str:
@@ -328,7 +329,7 @@ def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache
     if is_file:
         sd, ts = read_state_dict(pretrained)
         net, tok, desc = build_from_state_dict(sd, model, quick_gelu, ts, repr(pretrained))
-        return LoadedModel(net, tok, desc, False)
+        return LoadedModel(net, tok, desc, False, path=pretrained)
     _model_cfg(model)
     path = resolve_tag(model, pretrained, cache_dir)
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
@@ -337,7 +338,7 @@ def _load_pretrained(model: str, pretrained: str, quick_gelu: bool | None, cache
     net, tok, desc = build_from_state_dict(sd, model, qg, ts, f"{model}/{pretrained} ({path})")
     mean = tuple(tag_cfg.get("mean", OPENAI_CLIP_MEAN))
     std = tuple(tag_cfg.get("std", OPENAI_CLIP_STD))
-    return LoadedModel(net, tok, desc, False, mean, std)
+    return LoadedModel(net, tok, desc, False, mean, std, path)
 
 
 def load_clip(

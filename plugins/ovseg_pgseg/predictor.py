@@ -24,6 +24,7 @@ This is a port of NVIDIA-licensed research code (NVIDIA Source Code License, non
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +34,9 @@ from ovseg.errors import ConfigError
 from ovseg.pipeline.options import choice, integer, number
 from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from ovseg.pipeline.stages import VLMPredictor
+from ovseg.pipeline.text import encode_by_length, weights_version
 from ovseg.runtime import module_dtype
+from ovseg.text_cache import cached_embeddings, file_digest
 from ovseg.pipeline.vocabulary import Vocabulary
 
 from .checkpoint import load_release_weights
@@ -118,10 +121,16 @@ class GroupViTPredictor(VLMPredictor):
         self.model.eval()
         self.patch_size = cfg.patch_size
         self.templates = resolve_templates(templates, where)
+        self.templates_name = templates if isinstance(templates, str) else "custom"
         self.configure(decode=decode, output=output, topk=topk, bg_thresh=bg_thresh, background_class=background_class)
         self.vocabulary: Vocabulary | None = None
         self.register_buffer("_text", torch.empty(0), persistent=False)
         self._tokenizer = None
+        self._names: dict[str, torch.Tensor] = {}  # float32 CPU embeddings per name
+        self._names_key: tuple | None = None
+        self._weights_path = None if self.random_weights else str(pretrained)
+        self._weights_id: str | None = None
+        self._weights_version = weights_version(self._text_parameters())
 
     def check_options(self) -> None:
         """Decoding options (`decode`, `output`, `topk`, `bg_thresh`, `background_class`) only affect
@@ -164,14 +173,53 @@ class GroupViTPredictor(VLMPredictor):
             self._tokenizer = SimpleTokenizer(context_length=self.model.cfg.context_length)
         return self._tokenizer(texts)
 
+    def text_key(self) -> dict | None:
+        """What fixes a name's embedding besides the name (the disk cache's key), or None when nothing may be
+        cached on disk: random weights (unseeded), or weights modified in place since they were loaded."""
+        if self.random_weights or weights_version(self._text_parameters()) != self._weights_version:
+            return None
+        if self._weights_id is None:
+            self._weights_id = file_digest(self._weights_path)
+        tower = "\n".join([repr(self.model.text), repr(self.model.text_proj), repr(self.model.cfg)])
+        prompts = [t("{}") if callable(t) else t for t in self.templates]
+        return {
+            "encoder": f"ovseg_pgseg {self.kind} mean-normalise",
+            "model": self.kind,
+            "weights": self._weights_id,
+            "tower": hashlib.sha256(tower.encode()).hexdigest()[:32],
+            "tokenizer": ["SimpleTokenizer", self.model.cfg.context_length],
+            "templates_name": self.templates_name,
+            "templates": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32],
+            "dtype": str(module_dtype(self.model)).replace("torch.", ""),
+        }
+
+    def _text_parameters(self) -> list[torch.Tensor]:
+        return [*self.model.text.parameters(), *self.model.text_proj.parameters()]
+
+    @torch.no_grad()
+    def _encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        """The release's recipe: mean of the projected template embeddings, L2-normalised. The text transformer
+        is causal and pooled at the end-of-text token, so prompts are encoded in length-sorted batches cut
+        after their longest prompt (`ovseg.pipeline.text.encode_by_length`)."""
+        prompts = [t(name) if callable(t) else t.format(name) for name in names for t in self.templates]
+        tokens = self._tokenize(prompts).to(self._text.device)
+        with torch.autocast(self._text.device.type, enabled=False):
+            emb = encode_by_length(tokens, tokens.argmax(dim=-1), self.model.encode_text, _TEXT_BATCH).float()
+        emb = emb.view(len(names), len(self.templates), -1).mean(dim=1)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
     @torch.no_grad()
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
+        """Embeddings of the vocabulary's names: kept per name in memory and in the disk cache
+        (`ovseg.text_cache`), so only names never seen with these weights are encoded."""
         vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
-        prompts = [t(name) if callable(t) else t.format(name) for name in vocab.names for t in self.templates]
-        tokens = self._tokenize(prompts).to(self._text.device)
-        emb = torch.cat([self.model.encode_text(chunk).float() for chunk in tokens.split(_TEXT_BATCH)])
-        emb = emb.view(len(vocab.names), len(self.templates), -1).mean(dim=1)
-        self._text = torch.nn.functional.normalize(emb, dim=-1)
+        key = (module_dtype(self.model), weights_version(self._text_parameters()))
+        if key != self._names_key:
+            self._names, self._names_key = {}, key
+        missing = [n for n in dict.fromkeys(vocab.names) if n not in self._names]
+        if missing:
+            self._names.update(zip(missing, cached_embeddings(self.text_key(), missing, self._encode_names)))
+        self._text = torch.stack([self._names[n] for n in vocab.names]).to(self._text.device)
         self.vocabulary = vocab
 
     def _background_names(self) -> torch.Tensor | None:
