@@ -59,6 +59,19 @@ def test_pamr_matches_reference(num_iter, dilations, size):
     torch.testing.assert_close(pamr(img, low, num_iter, dilations), reference_pamr(img, low, num_iter, dilations), atol=1e-5, rtol=1e-5)
 
 
+def test_pamr_in_class_chunks_equals_one_chunk(monkeypatch):
+    """Classes are refined in cache-sized chunks; each class is independent, so chunks change nothing."""
+    from ovseg_clip import pamr as module
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(2, 3, 30, 41, generator=g)
+    scores = torch.randn(2, 7, 30, 41, generator=g)
+    whole = module.pamr(img, scores, 3, (1, 2))
+    monkeypatch.setattr(module, "CHUNK_BYTES", 2 * 30 * 41 * 4 * 3)  # chunks of 3, 3 and 1 classes
+    assert torch.equal(module.pamr(img, scores, 3, (1, 2)), whole)
+    torch.testing.assert_close(whole, reference_pamr(img, scores, 3, (1, 2)), atol=1e-5, rtol=1e-5)
+
+
 def _two_colour_case():
     """Two-colour image and noisy 4x4 window scores of its truth."""
     h, w = 96, 128

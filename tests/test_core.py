@@ -81,6 +81,21 @@ def test_merge_windows_matches_naive_average():
     assert torch.allclose(merge_windows(scores, boxes, h, w), canvas / count)
 
 
+def test_merge_windows_equals_one_batched_upsample_bit_for_bit():
+    """The merge upsamples window by window; the values are those of one batched upsample, added in window order."""
+    torch.manual_seed(2)
+    h, w = 61, 90
+    boxes = sliding_windows(h, w, 32, 20)
+    scores = torch.randn(len(boxes), 5, 3, 3)
+    up = F.interpolate(scores, size=(32, 32), mode="bilinear", align_corners=False)
+    canvas = torch.zeros(5, h, w)
+    count = torch.zeros(1, h, w)
+    for u, (y1, y2, x1, x2) in zip(up, boxes.tolist()):
+        canvas[:, y1:y2, x1:x2] += u
+        count[:, y1:y2, x1:x2] += 1
+    assert torch.equal(merge_windows(scores, boxes, h, w), canvas / count)
+
+
 def test_protocol_resize_matches_mmcv_rescale():
     p = Protocol(short_side=448, long_side_max=2048)
     assert p.resized_size(512, 683) == (448, 598)

@@ -53,21 +53,18 @@ def merge_windows(scores: torch.Tensor, boxes: torch.Tensor, height: int, width:
 
     Each window's grid is upsampled bilinearly (`align_corners=False`) to its box, summed, and the
     sum divided by how many windows cover each pixel (mmseg slide inference, LPOSS merge).
+
+    Windows are upsampled one at a time and added while their map is still in cache: a batched upsample
+    gives the same values (each window is interpolated on its own either way) but first writes all of them
+    (15 windows x 150 classes x 224² = 450 MB on ADE20K), which made the merge about 1.7x slower on a CPU.
     """
-    n, q = scores.shape[:2]
+    q = scores.shape[1]
     out = scores.new_zeros((q, height, width))
     count = scores.new_zeros((1, height, width))
-    box_list = boxes.tolist()
-    # windows of one size are upsampled in one call; only the placement loops over windows
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, (y1, y2, x1, x2) in enumerate(box_list):
-        by_size.setdefault((y2 - y1, x2 - x1), []).append(i)
-    for size, idx in by_size.items():
-        up = F.interpolate(scores[idx], size=size, mode="bilinear", align_corners=False)
-        for j, i in enumerate(idx):
-            y1, y2, x1, x2 = box_list[i]
-            out[:, y1:y2, x1:x2] += up[j]
-            count[:, y1:y2, x1:x2] += 1
+    for i, (y1, y2, x1, x2) in enumerate(boxes.tolist()):
+        out[:, y1:y2, x1:x2] += F.interpolate(scores[i : i + 1], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                              align_corners=False)[0]
+        count[:, y1:y2, x1:x2] += 1
     if bool((count == 0).any()):
         raise ValueError("the windows do not cover the whole canvas")
-    return out / count
+    return out.div_(count)
