@@ -124,7 +124,9 @@ def run_one(method: str, args) -> dict:
     start = time.perf_counter()
     seg.set_classes(vocab)
     text_s = time.perf_counter() - start
-    encoded = text_cache.info().entries > entries or text_cache.info().entries == 0
+    key = getattr(seg.predictor, "text_key", None)
+    cacheable = text_cache.enabled() and callable(key) and key() is not None
+    encoded = not cacheable or text_cache.info().entries > entries
     weights_mb = _peak_mb(device)
 
     jpeg = _ade_like_jpeg(args.height, args.width)
