@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .paths import cache_dir
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ENV", "enabled", "folder", "file_digest", "group_digest", "cached_embeddings", "CacheInfo", "info", "clear"]
+__all__ = ["ENV", "enabled", "folder", "file_digest", "group_digest", "cached_embeddings", "pack", "CacheInfo", "info", "clear"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ FORMAT = 1
 _HASH_CHUNK = 1 << 23
 #: an entry is a unit vector; anything further from norm 1 is a damaged file
 _NORM_TOL = 1e-3
+_MAGIC = b"OVSEGTXT"
 
 
 def enabled() -> bool:
@@ -104,32 +106,54 @@ def group_digest(key: Mapping[str, Any]) -> str:
 
 
 def _entry(group: Path, name: str) -> Path:
-    return group / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.pt"
+    return group / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.emb"
+
+
+def pack(name: str, embedding) -> bytes:
+    """An entry's bytes: magic, header length, JSON header (name, width), little-endian float32 values.
+
+    A plain format rather than `torch.save`: reading 150 entries takes milliseconds instead of a second.
+    """
+    import numpy as np
+
+    values = np.ascontiguousarray(embedding.detach().float().cpu().numpy(), dtype="<f4")
+    header = json.dumps({"name": name, "width": int(values.size)}).encode()
+    return _MAGIC + struct.pack("<I", len(header)) + header + values.tobytes()
+
+
+def _unpack(data: bytes, name: str, width: int | None):
+    import numpy as np
+    import torch
+
+    if not data.startswith(_MAGIC):
+        return None
+    start = len(_MAGIC) + 4
+    (size,) = struct.unpack("<I", data[len(_MAGIC) : start])
+    header = json.loads(data[start : start + size])
+    values = np.frombuffer(data[start + size :], dtype="<f4")
+    if header.get("name") != name or values.size != header.get("width") or width not in (None, values.size):
+        return None
+    emb = torch.from_numpy(values.astype(np.float32))
+    if not bool(torch.isfinite(emb).all()) or abs(float(emb.norm()) - 1.0) >= _NORM_TOL:
+        return None
+    return emb
 
 
 def _read(path: Path, name: str, width: int | None):
-    """The stored embedding, or None when the entry is absent or damaged."""
-    import torch
-
-    if not path.exists():
+    """The stored embedding, or None when the entry is absent or damaged (then it is recomputed)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("text cache: cannot read %s (%s); recomputing %r", path, exc, name)
         return None
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-        emb = doc["embedding"]
-        ok = (
-            doc.get("name") == name
-            and isinstance(emb, torch.Tensor)
-            and emb.dtype == torch.float32
-            and emb.ndim == 1
-            and (width is None or emb.numel() == width)
-            and bool(torch.isfinite(emb).all())
-            and abs(float(emb.norm()) - 1.0) < _NORM_TOL
-        )
-    except Exception:  # noqa: BLE001 - whatever is wrong with the file, it is recomputed
-        ok = False
-    if not ok:
+        emb = _unpack(data, name, width)
+    except (ValueError, struct.error, UnicodeDecodeError, AttributeError):
+        emb = None
+    if emb is None:
         log.warning("text cache: entry %s for %r is damaged; recomputing it", path, name)
-        return None
     return emb
 
 
@@ -166,14 +190,11 @@ def cached_embeddings(key: Mapping[str, Any] | None, names: Sequence[str], encod
 
 
 def _store(group: Path, meta_path: Path, key: Mapping, width: int | None, fresh: Mapping) -> None:
-    import torch
-
     try:
         if width is None:
             _write_json(meta_path, {"format": FORMAT, "key": dict(key), "width": int(next(iter(fresh.values())).numel())})
         for name, emb in fresh.items():
-            doc = {"name": name, "embedding": emb.detach().float().cpu().contiguous().clone()}
-            _atomic_write(_entry(group, name), lambda tmp, doc=doc: torch.save(doc, tmp))
+            _atomic_write(_entry(group, name), lambda tmp, data=pack(name, emb): tmp.write_bytes(data))
     except OSError as exc:
         log.warning("text cache: cannot write to %s (%s); embeddings are recomputed next time", group, exc)
 
@@ -204,7 +225,7 @@ def info() -> CacheInfo:
             if path.is_file():
                 size += path.stat().st_size
         for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "weights"):
-            n = sum(1 for _ in group.glob("*.pt"))
+            n = sum(1 for _ in group.glob("*.emb"))
             groups += 1
             entries += n
             try:

@@ -130,7 +130,7 @@ def test_pgseg_truncated_text_equals_full_context_and_is_cached(cache, tmp_path,
         for blk in source.model.text.blocks:
             blk.attn.in_proj.weight.mul_(4.0)
     source.set_classes(names)
-    assert not any(cache.rglob("*.pt"))  # unseeded random weights are never cached on disk
+    assert not any(cache.rglob("*.emb"))  # unseeded random weights are never cached on disk
     path = tmp_path / "groupvit.pth"
     torch.save({"model": to_release(source.model.state_dict())}, path)
     pred = build_predictor("groupvit", pretrained=str(path), templates="imagenet80", **TINY)
@@ -146,7 +146,7 @@ def test_pgseg_truncated_text_equals_full_context_and_is_cached(cache, tmp_path,
     monkeypatch.setattr(GroupViTPredictor, "_encode_names", lambda self, n: encoded.extend(n) or original(self, n))
     again = build_predictor("groupvit", pretrained=str(path), templates="imagenet80", **TINY)
     again.set_classes(names)
-    assert encoded == [] and len(list(cache.rglob("*.pt"))) == 2
+    assert encoded == [] and len(list(cache.rglob("*.emb"))) == 2
     torch.testing.assert_close(again.text_embeddings, pred.text_embeddings, atol=0, rtol=0)
 
 
@@ -180,7 +180,7 @@ def test_second_predictor_and_other_methods_on_the_same_file_encode_nothing(cach
         other.set_classes(["dog, puppy", "cat"])
         torch.testing.assert_close(other.text_embeddings, first.text_embeddings[[1, 2, 0]], atol=0, rtol=0)
     assert encoded == ["cat", "dog", "puppy"]
-    assert len(list(cache.rglob("*.pt"))) == 3
+    assert len(list(cache.rglob("*.emb"))) == 3
 
 
 @pytest.mark.parametrize("change", ["weights", "seed", "templates", "names", "dtype"])
@@ -203,7 +203,7 @@ def test_what_changes_an_embedding_changes_the_entry(cache, tmp_path, monkeypatc
         other, names = build_predictor("clip", **base), ["dog"]
     other.set_classes(names)
     assert encoded == names
-    assert len({p.parent for p in cache.rglob("*.pt")}) == (1 if change == "names" else 2)
+    assert len({p.parent for p in cache.rglob("*.emb")}) == (1 if change == "names" else 2)
     if change != "dtype":
         assert (other.text_embeddings - first.text_embeddings).abs().max() > 1e-3
 
@@ -226,40 +226,42 @@ def test_weights_modified_in_place_are_not_served_from_the_cache(cache, monkeypa
     pred.set_classes(["cat"])
     assert encoded == ["cat"] and pred.text_key() is None
     torch.testing.assert_close(pred.text_embeddings, -before, atol=1e-6, rtol=0)
-    assert len(list(cache.rglob("*.pt"))) == 1  # the modified weights' embedding was not stored
+    assert len(list(cache.rglob("*.emb"))) == 1  # the modified weights' embedding was not stored
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other name", "not unit"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other name", "not unit", "other width"])
 def test_damaged_entry_is_recomputed_and_replaced(cache, monkeypatch, damage):
     build = lambda: build_predictor("clip", model="ovseg-tiny-vit", pretrained="random", templates="single")  # noqa: E731
     first = build()
     first.set_classes(["cat"])
-    (entry,) = cache.rglob("*.pt")
+    (entry,) = cache.rglob("*.emb")
     good = entry.read_bytes()
-    if damage == "garbage":
-        entry.write_bytes(b"\x00not a tensor file")
-    elif damage == "truncated":
-        entry.write_bytes(good[: len(good) // 2])
-    elif damage == "other name":
-        torch.save({"name": "dog", "embedding": first.text_embeddings[0]}, entry)
-    else:
-        torch.save({"name": "cat", "embedding": 2 * first.text_embeddings[0]}, entry)
+    emb = first.text_embeddings[0]
+    entry.write_bytes({
+        "garbage": b"\x00not an entry",
+        "truncated": good[: len(good) - 9],
+        "other name": text_cache.pack("dog", emb),
+        "not unit": text_cache.pack("cat", 2 * emb),
+        "other width": text_cache.pack("cat", F.normalize(torch.ones(8), dim=0)),
+    }[damage])
     encoded = _counting(monkeypatch)
     second = build()
     second.set_classes(["cat"])
     assert encoded == ["cat"]
     torch.testing.assert_close(second.text_embeddings, first.text_embeddings, atol=0, rtol=0)
-    doc = torch.load(entry, weights_only=True)
-    assert doc["name"] == "cat" and torch.equal(doc["embedding"], first.text_embeddings[0])
+    assert entry.read_bytes() == good
 
 
 def test_interrupted_write_leaves_no_entry_and_no_temporary_file(cache, monkeypatch):
-    def failing_save(obj, path):
-        with open(path, "wb") as fh:
-            fh.write(b"half")
+    from pathlib import Path
+
+    real_write = Path.write_bytes
+
+    def failing_write(path, data):
+        real_write(path, data[:5])
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     pred = build_predictor("clip", model="ovseg-tiny-vit", pretrained="random", templates="single")
     pred.set_classes(["cat"])  # a cache that cannot be written only warns
     assert pred.text_embeddings.shape == (1, 32)
