@@ -31,7 +31,7 @@ from .paths import cache_dir
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ENV", "enabled", "folder", "file_digest", "group_digest", "cached_embeddings", "pack", "CacheInfo", "info", "clear"]
+__all__ = ["ENV", "enabled", "folder", "file_digest", "digest", "group_digest", "cached_embeddings", "pack", "CacheInfo", "info", "clear"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def file_digest(path: str | os.PathLike) -> str:
     st = real.stat()
     if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
         return f"sha256:{real.name}"
-    record = folder() / "weights" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+    record = folder() / "weights" / f"{digest(str(real))}.json"
     stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         saved = json.loads(record.read_text())
@@ -90,23 +90,27 @@ def file_digest(path: str | os.PathLike) -> str:
     with open(real, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             sha.update(chunk)
-    digest = f"sha256:{sha.hexdigest()}"
+    found = f"sha256:{sha.hexdigest()}"
     if enabled():
         try:
-            _write_json(record, {**stamp, "digest": digest})
+            _write_json(record, {**stamp, "digest": found})
         except OSError as exc:
             log.warning("text cache: cannot record the digest of %s in %s: %s", real, record.parent, exc)
-    return digest
+    return found
+
+
+def digest(text: str) -> str:
+    """A short stable digest of a text (a key part: templates, a tower's description)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def group_digest(key: Mapping[str, Any]) -> str:
     """Folder name of a key: a digest of its canonical JSON."""
-    text = json.dumps({"format": FORMAT, **key}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return digest(json.dumps({"format": FORMAT, **key}, sort_keys=True, default=str))
 
 
 def _entry(group: Path, name: str) -> Path:
-    return group / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.emb"
+    return group / f"{digest(name)}.emb"
 
 
 def pack(name: str, embedding) -> bytes:

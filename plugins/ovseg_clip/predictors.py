@@ -9,7 +9,6 @@ whatever the module's dtype, so refiners and metrics never see bfloat16 rounding
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import partial
 from typing import ClassVar, Sequence
@@ -24,7 +23,7 @@ from ovseg.pipeline.stages import VLMPredictor
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.pipeline.text import weights_version
 from ovseg.runtime import module_device, module_dtype
-from ovseg.text_cache import cached_embeddings, file_digest
+from ovseg.text_cache import cached_embeddings, digest, file_digest
 
 from .dense import LAST_BLOCKS, LastBlock, check_vit, cosine_scores, dense_features, naclip_block
 from .templates import get_templates
@@ -134,7 +133,7 @@ class ClipDensePredictor(VLMPredictor):
             "tokenizer": [type(tok).__name__, getattr(tok, "context_length", None),
                           getattr(getattr(tok, "tokenizer", None), "name_or_path", None)],
             "templates_name": self.templates_name,
-            "templates": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32],
+            "templates": digest("\n".join(prompts)),
             "dtype": str(module_dtype(self.clip)).replace("torch.", ""),
         }
 

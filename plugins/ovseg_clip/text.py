@@ -10,13 +10,12 @@ tower (no causal mask, `first`/`last`/mean pooling, a class token) is encoded at
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from open_clip.model import CLIP
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, Transformer, text_global_pool
 
 from ovseg.pipeline.text import encode_by_length
+from ovseg.text_cache import digest
 
 __all__ = ["truncation_problem", "encode_tokens", "tower_signature", "text_parameters"]
 
@@ -86,4 +85,4 @@ def tower_signature(clip: torch.nn.Module) -> str:
         parts += [f"{n}.heads={m.num_heads}" for n, m in module.named_modules() if hasattr(m, "num_heads")]
     parts += [f"{n}: {tuple(t.shape)}" for n, t in [*clip.named_parameters(), *clip.named_buffers()]
               if not n.startswith("visual.")]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    return digest("\n".join(parts))

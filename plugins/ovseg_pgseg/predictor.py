@@ -24,7 +24,6 @@ This is a port of NVIDIA-licensed research code (NVIDIA Source Code License, non
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from ovseg.pipeline.stages import VLMPredictor
 from ovseg.pipeline.text import encode_by_length, weights_version
 from ovseg.runtime import module_dtype
-from ovseg.text_cache import cached_embeddings, file_digest
+from ovseg.text_cache import cached_embeddings, digest, file_digest
 from ovseg.pipeline.vocabulary import Vocabulary
 
 from .checkpoint import load_release_weights
@@ -186,10 +185,10 @@ class GroupViTPredictor(VLMPredictor):
             "encoder": f"ovseg_pgseg {self.kind} mean-normalise",
             "model": self.kind,
             "weights": self._weights_id,
-            "tower": hashlib.sha256(tower.encode()).hexdigest()[:32],
+            "tower": digest(tower),
             "tokenizer": ["SimpleTokenizer", self.model.cfg.context_length],
             "templates_name": self.templates_name,
-            "templates": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32],
+            "templates": digest("\n".join(prompts)),
             "dtype": str(module_dtype(self.model)).replace("torch.", ""),
         }
 
