@@ -1,7 +1,7 @@
 """End to end, per shipped method: images/s, seconds per stage and peak memory on an ADE-like image.
 
-Every `configs/methods/*.yaml` (or `--methods`) is built with full-size random weights (every `pretrained`
-of its predictor and extractor blocks set to `random`: the arithmetic of the real checkpoints, no download),
+Every `configs/methods/*.yaml` (or `--methods`) is built with full-size random weights (`pretrained=random`
+for its predictor and extractor and any stage nested in them: the arithmetic of the real checkpoints, no download),
 with its ADE20K settings (the protocol, class names and per-dataset stage options it uses for `ade20k` of
 the standard8 suite, 150 classes), and segments a 512x683 JPEG (ADE20K's typical size). A method whose
 plugins or random weights cannot be built is skipped with the reason.
@@ -48,14 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _random_overrides(block, prefix: str) -> list[str]:
-    """`<prefix>.<...>.pretrained=random` for every `pretrained` key of a stage block, nested ones included."""
-    out = []
-    if isinstance(block, dict):
-        for key, value in block.items():
-            if key == "pretrained":
-                out.append(f"{prefix}.pretrained=random")
-            else:
-                out += _random_overrides(value, f"{prefix}.{key}")
+    """`<prefix>.pretrained=random` for a stage block and every stage spec nested in it (a dict with a `name`,
+    e.g. a predictor's `vfm`), whether or not the config writes `pretrained` (its default is real weights)."""
+    if not isinstance(block, dict):
+        return []
+    out = [f"{prefix}.pretrained=random"] if "name" in block or "pretrained" in block else []
+    for key, value in block.items():
+        out += _random_overrides(value, f"{prefix}.{key}")
     return out
 
 
