@@ -2,8 +2,9 @@
 
 A tiny random CLIP is written to disk in OpenAI's format (fp16 tensors, OpenAI key names, a width
 and depth unlike ViT-B) and loaded through `pretrained=PATH`, the path users take. The reference
-below uses only plain torch ops on the state-dict tensors and DESIGN.md §3; it shares no code with
-the plugin.
+below uses only plain torch ops on the state-dict tensors and the methods' formulas (each paper's last
+block, as its authors' code runs it: SCLIP b56bd30, ClearCLIP ad68a40, NACLIP 0cac3a6, MaskCLIP as in LPOSS
+e489a74); it shares no code with the plugin.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def predictors(ckpt):
 
 
 # ------------------------------------------------------------------------------------------
-# independent reference (DESIGN.md §3, plain torch on the state dict)
+# independent reference (the methods' last blocks, plain torch on the state dict)
 
 
 def ln(x, sd, p):
