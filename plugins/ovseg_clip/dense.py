@@ -186,29 +186,44 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: torch.Tensor) -> tor
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
-    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+def trunk(visual: VisionTransformer, x: torch.Tensor, pos_interp: str) -> tuple[torch.Tensor, Grid]:
+    """Tokens (B, 1 + h*w, D) that enter the last block, for normalised images x (B, 3, H, W), and the grid.
+
+    The stride-p patch convolution drops a remainder of x (the `floor` grid); `pos_interp` resamples the
+    positional embeddings (`ovseg.pipeline.patches.resample_pos_embed`). Shared by every dense method,
+    including the VFM-guided ones (ovseg_vfm) that replace the last block with their own attention.
+    """
     b = x.shape[0]
     tokens = visual.conv1(x)  # (B, D, h, w)
     grid = tuple(tokens.shape[-2:])
     tokens = tokens.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(b, -1, -1)
-    pos = resample_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid, last.pos_interp)
+    pos = resample_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid, pos_interp)
     tokens = torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype)
     # patch dropout is skipped: it is the identity in eval mode and a dense map needs every patch
     tokens = visual.ln_pre(tokens)
-    blocks = visual.transformer.resblocks
-    for blk in blocks[:-1]:
+    for blk in visual.transformer.resblocks[:-1]:
         tokens = _run_block(visual.transformer, blk, tokens)
-    if getattr(visual.transformer, "batch_first", True) or last.forward is not clip_block:
-        tokens = last.forward(blocks[-1], tokens, grid)
-    else:
-        tokens = _run_block(visual.transformer, blocks[-1], tokens)
-    feats = visual.ln_post(tokens[:, 1:])
+    return tokens, grid
+
+
+def project(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """`ln_post`, `proj` and L2 normalisation of output tokens (B, N, D) -> float32 (B, N, E)."""
+    feats = visual.ln_post(tokens)
     if visual.proj is not None:
         feats = feats @ visual.proj
-    feats = F.normalize(feats.float(), dim=-1)
-    return feats.view(b, grid[0], grid[1], -1)
+    return F.normalize(feats.float(), dim=-1)
+
+
+def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
+    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+    tokens, grid = trunk(visual, x, last.pos_interp)
+    block = visual.transformer.resblocks[-1]
+    if getattr(visual.transformer, "batch_first", True) or last.forward is not clip_block:
+        tokens = last.forward(block, tokens, grid)
+    else:
+        tokens = _run_block(visual.transformer, block, tokens)
+    return project(visual, tokens[:, 1:]).view(x.shape[0], grid[0], grid[1], -1)
 
 
 def cosine_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
