@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ovseg.errors import ConfigError, PluginError
+from ovseg.errors import ConfigError, PluginError, WeightsError
 
 __all__ = ["MMSEG_CLIP_MEAN", "MMSEG_CLIP_STD", "mmseg_normalize", "build_vfm", "vfm_tokens", "dino_order_blocks",
            "standard_mha"]
@@ -59,6 +59,8 @@ def build_vfm(vfm: Mapping[str, Any] | None, owner: str, defaults: Mapping[str, 
         extractor = build_extractor(name, **cfg)
     except PluginError as exc:
         raise ConfigError(f"{owner}: vfm {dict(name=name, **cfg)} cannot be built: {exc}") from exc
+    except WeightsError as exc:  # the extractor's message names its own option; here it is the predictor's vfm
+        raise WeightsError(f"{owner} vfm: " + str(exc).replace("extractor.pretrained", "predictor.vfm.pretrained")) from exc
     vit = getattr(extractor, "vit", None)
     if not callable(getattr(extractor, "encode", None)) or vit is None or not hasattr(vit, "blocks"):
         raise ConfigError(
