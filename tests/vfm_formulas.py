@@ -8,11 +8,12 @@ order, ProxyCLIP's proxy attention and CASS's spectral distillation with a per-h
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# the authors' OpenAI blocks are seq-first, so nn.MultiheadAttention takes its standard (not its fused) path
+from ovseg_vfm.common import standard_mha as standard_attention_path
 
 MMSEG_MEAN = torch.tensor([122.771, 116.746, 104.094]).view(1, 3, 1, 1)
 MMSEG_STD = torch.tensor([68.501, 66.632, 70.323]).view(1, 3, 1, 1)
@@ -40,16 +41,6 @@ def mmseg_input(windows: torch.Tensor, constants: str = "mmseg") -> torch.Tensor
     if constants == "mmseg":
         return (windows * 255 - MMSEG_MEAN) / MMSEG_STD
     return (windows - CLIP_MEAN) / CLIP_STD
-
-
-@contextmanager
-def standard_attention_path():
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def dino_pos(table: torch.Tensor, grid: tuple[int, int], mode: str = "dino") -> torch.Tensor:

@@ -36,10 +36,9 @@ from ovseg.pipeline.options import choice, integer, number
 from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.runtime import module_dtype
-from ovseg_clip.dense import LastBlock, _run_block, clip_block, neighbourhood_bias, project, trunk
-from ovseg_clip.predictors import ClipDensePredictor
+from ovseg_clip.dense import _run_block, neighbourhood_bias, project, trunk
 
-from .common import build_vfm, mmseg_normalize, standard_mha, vfm_tokens
+from .common import VFMGuidedPredictor, mmseg_normalize, standard_mha, vfm_tokens
 from .prompts import adjusted_text, cluster_names
 from .spectral import distilled_graph, match_key_range
 
@@ -51,7 +50,6 @@ DATASET_KEYS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco
 NO_EIGEN_SCALING = ("voc20", "city_scapes")
 #: `forward_slide` takes the global vector from each crop for these
 CROP_GLOBAL = ("city_scapes",)
-DEFAULT_VFM = {"name": "dino", "model": "vit_base_patch8_224.dino", "feature": "k"}
 # the authors' `inv_normalize`: ImageNet statistics with 0.255 for blue (a typo the VFM input depends on)
 _INV_MEAN = (-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.255)
 _INV_STD = (1 / 0.229, 1 / 0.224, 1 / 0.255)
@@ -79,7 +77,7 @@ def vfm_input(x: torch.Tensor, patch: int) -> torch.Tensor:
     return z[..., :keep, :keep]
 
 
-class CASSPredictor(ClipDensePredictor):
+class CASSPredictor(VFMGuidedPredictor):
     """CASS: spectral VFM-graph distillation in CLIP's last block (see the module docstring).
 
     Args (besides `ClipDensePredictor`'s model, pretrained, templates, cache_dir, quick_gelu, text_batch_size,
@@ -99,6 +97,7 @@ class CASSPredictor(ClipDensePredictor):
 
     method = "cass"
     grid = "floor"
+    default_vfm = {"name": "dino", "model": "vit_base_patch8_224.dino", "feature": "k"}
     options = ("grid", "dataset", "global_semantics_weight", "mean_vector_weight", "h_threshold", "gaussian_std",
                "svd_seed")
 
@@ -124,7 +123,7 @@ class CASSPredictor(ClipDensePredictor):
         self.dataset, self.global_semantics_weight, self.mean_vector_weight = dataset, global_semantics_weight, mean_vector_weight
         self.h_threshold, self.gaussian_std, self.svd_seed = h_threshold, gaussian_std, svd_seed
         super().__init__(model, pretrained, templates, cache_dir, quick_gelu, text_batch_size, seed, grid)
-        self.vfm = build_vfm(vfm, self.stage_name, {**DEFAULT_VFM, "normalize": False})
+        self._build_vfm(vfm)
         if self.vfm.feature != "k":
             raise ConfigError(f"{self.stage_name}: vfm.feature must be 'k' (CASS distils the VFM's key graph), "
                               f"got {self.vfm.feature!r}")
@@ -147,13 +146,6 @@ class CASSPredictor(ClipDensePredictor):
         self.h_threshold = number(self.h_threshold, "h_threshold", owner, minimum=0.0)
         self.gaussian_std = number(self.gaussian_std, "gaussian_std", owner, above=0.0)
         self.svd_seed = integer(self.svd_seed, "svd_seed", owner, minimum=0)
-
-    def _last_block(self) -> LastBlock:
-        # only the positional-embedding rule is used (DINO-style, as CASS's `interpolate_pos_encoding`)
-        return LastBlock("cass", clip_block, "dino")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", vfm={self.vfm.model_name!r}"
 
     # -- text -------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""What the VFM-guided predictors share: the mmseg input normalisation, building the vision model they own,
-and a DINO forward in the DINO repository's own operation order.
+"""What the VFM-guided predictors share: their base class, the mmseg input normalisation, building the vision
+model they own, and a DINO forward in the DINO repository's own operation order.
 
 Both reference repositories (mc-lan/ProxyCLIP e7b767f, MICV-yonsei/CASS 228ecdd) feed CLIP the output of
 mmseg's `SegDataPreProcessor` with CLIP's statistics written on the 0-255 scale and rounded to three decimals,
@@ -12,15 +12,17 @@ pipeline's images, which are uint8 / 255).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ovseg.errors import ConfigError, PluginError, WeightsError
+from ovseg_clip.dense import LastBlock, clip_block
+from ovseg_clip.predictors import ClipDensePredictor
 
-__all__ = ["MMSEG_CLIP_MEAN", "MMSEG_CLIP_STD", "mmseg_normalize", "build_vfm", "vfm_tokens", "dino_order_blocks",
-           "standard_mha"]
+__all__ = ["MMSEG_CLIP_MEAN", "MMSEG_CLIP_STD", "mmseg_normalize", "build_vfm", "VFMGuidedPredictor", "vfm_tokens",
+           "dino_order_blocks", "standard_mha"]
 
 #: CLIP's mean / std x 255, rounded as in the authors' `SegDataPreProcessor(mean=..., std=...)`
 MMSEG_CLIP_MEAN = (122.771, 116.746, 104.094)
@@ -68,6 +70,23 @@ def build_vfm(vfm: Mapping[str, Any] | None, owner: str, defaults: Mapping[str, 
             "use a DINO or DINOv2 extractor (name: dino or dinov2)"
         )
     return extractor
+
+
+class VFMGuidedPredictor(ClipDensePredictor):
+    """A dense CLIP predictor (weights, text embeddings: `ClipDensePredictor`) that owns a VFM, `self.vfm`, and
+    replaces CLIP's last block with its own attention; subclasses set `default_vfm` (their authors' VFM)."""
+
+    default_vfm: ClassVar[dict] = {}
+
+    def _build_vfm(self, vfm: Mapping[str, Any] | None) -> None:
+        self.vfm = build_vfm(vfm, self.stage_name, {**self.default_vfm, "normalize": False})
+
+    def _last_block(self) -> LastBlock:
+        # only the positional-embedding rule is used: DINO-style, as both authors' `interpolate_pos_encoding`
+        return LastBlock(self.method, clip_block, "dino")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", vfm={self.vfm.model_name!r}"
 
 
 def _dino_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -42,14 +42,11 @@ from ovseg.pipeline.patches import (
     to_window,
 )
 from ovseg.runtime import module_dtype
-from ovseg_clip.dense import LastBlock, _heads, _out, clip_block, cosine_scores, project, trunk
-from ovseg_clip.predictors import ClipDensePredictor
+from ovseg_clip.dense import _heads, _out, cosine_scores, project, trunk
 
-from .common import build_vfm, mmseg_normalize, standard_mha, vfm_tokens
+from .common import VFMGuidedPredictor, mmseg_normalize, standard_mha, vfm_tokens
 
 __all__ = ["ProxyCLIPPredictor", "proxy_attention", "proxy_weights"]
-
-DEFAULT_VFM = {"name": "dino", "model": "vit_base_patch8_224.dino", "feature": "x"}
 
 
 def proxy_weights(features: torch.Tensor, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +91,7 @@ def proxy_attention(
     return _out(block, out)
 
 
-class ProxyCLIPPredictor(ClipDensePredictor):
+class ProxyCLIPPredictor(VFMGuidedPredictor):
     """ProxyCLIP: CLIP's last block attends with a VFM's patch similarities (see the module docstring).
 
     Args (besides `ClipDensePredictor`'s model, pretrained, templates, cache_dir, quick_gelu, text_batch_size,
@@ -114,6 +111,7 @@ class ProxyCLIPPredictor(ClipDensePredictor):
 
     method = "proxyclip"
     grid = "center"
+    default_vfm = {"name": "dino", "model": "vit_base_patch8_224.dino", "feature": "x"}
     options = ("grid", "beta", "gamma", "pad_multiple")
 
     def __init__(
@@ -133,7 +131,7 @@ class ProxyCLIPPredictor(ClipDensePredictor):
     ):
         self.beta, self.gamma, self.pad_multiple = beta, gamma, pad_multiple  # checked by check_options
         super().__init__(model, pretrained, templates, cache_dir, quick_gelu, text_batch_size, seed, grid)
-        self.vfm = build_vfm(vfm, self.stage_name, {**DEFAULT_VFM, "normalize": False})
+        self._build_vfm(vfm)
         self.clip_patch_size = self.patch_size
         self.patch_size = int(self.vfm.patch_size)
         self._warned = False
@@ -144,14 +142,6 @@ class ProxyCLIPPredictor(ClipDensePredictor):
         self.beta = number(self.beta, "beta", owner, minimum=0.0)
         self.gamma = number(self.gamma, "gamma", owner, above=0.0)
         self.pad_multiple = integer(self.pad_multiple, "pad_multiple", owner, minimum=1)
-
-    def _last_block(self) -> LastBlock:
-        # only the positional-embedding rule is used (DINO-style, as the vendored open_clip's
-        # `interpolate_pos_encoding`); the last block itself is `proxy_attention`
-        return LastBlock("proxyclip", clip_block, "dino")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", vfm={self.vfm.model_name!r}"
 
     def _vfm_input(self, x: torch.Tensor) -> torch.Tensor:
         """The CLIP input un-normalised with the exact CLIP statistics, then normalised with ImageNet's."""
