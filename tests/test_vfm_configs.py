@@ -146,3 +146,11 @@ def test_bench_runs_end_to_end_with_tiny_models(tmp_path, method, extra):
     assert main(argv) == 0
     results = [json.loads(p.read_text()) for p in (run / "datasets").glob("*.json")]
     assert results and all(r["status"] == "done" for r in results)
+
+
+def test_download_builds_the_predictors_vfm_so_its_weights_are_fetched(capsys):
+    """`ovseg download` builds the segmenter: the VFM's weights are resolved too (here offline: the error says which
+    and names the predictor's option)."""
+    assert main(["download", "--method", "proxyclip", "predictor.model=ovseg-tiny-vit", "predictor.pretrained=random"]) == 2
+    err = capsys.readouterr().err
+    assert "vit_base_patch8_224.dino" in err and "predictor.vfm.pretrained" in err

@@ -133,6 +133,7 @@ class CASSPredictor(VFMGuidedPredictor):
                 f"{self.stage_name}: vfm.model {self.vfm.model_name!r} has width {vfm_width} but the CLIP image tower "
                 f"has {width}; CASS lays the VFM keys out with CLIP's heads, so the widths must be equal"
             )
+        self._image: torch.Tensor | None = None
         self._global: torch.Tensor | None = None
         self._clusters: tuple[tuple, torch.Tensor] | None = None
 
@@ -172,15 +173,18 @@ class CASSPredictor(VFMGuidedPredictor):
         out = _run_block(visual.transformer, visual.transformer.resblocks[-1], tokens)
         return project(visual, out[:, :1])[:, 0]
 
-    @torch.no_grad()
     def set_image(self, image: torch.Tensor | None) -> None:
-        """Keep the whole image's global vector for the windows that follow (None forgets it)."""
-        if image is None:
-            self._global = None
-            return
-        with standard_mha():
-            tokens, _ = trunk(self.clip.visual, self._clip_input(image[None]), self.last_block.pos_interp)
-            self._global = self._class_token(tokens)
+        """The resized image (3, H, W) whose global vector the windows that follow use (None forgets it); the
+        vector is computed when a window first needs it (never for `city_scapes`)."""
+        self._image, self._global = image, None
+
+    @torch.no_grad()
+    def _image_global(self) -> torch.Tensor | None:
+        if self._global is None and self._image is not None:
+            with standard_mha():
+                tokens, _ = trunk(self.clip.visual, self._clip_input(self._image[None]), self.last_block.pos_interp)
+                self._global = self._class_token(tokens)
+        return self._global
 
     def _vfm_keys(self, x: torch.Tensor, heads: int, grid: tuple[int, int]) -> torch.Tensor:
         """The VFM's raw keys, float16, as (B, heads, h·w, head_dim) on CLIP's grid (step 2)."""
@@ -227,10 +231,11 @@ class CASSPredictor(VFMGuidedPredictor):
         x = mmseg_normalize(images)
         with standard_mha():
             tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp)
-            if self._global is None or self.dataset in CROP_GLOBAL:
+            image_global = None if self.dataset in CROP_GLOBAL else self._image_global()
+            if image_global is None:
                 glob = self._class_token(tokens)
             else:
-                glob = self._global.expand(tokens.shape[0], -1)
+                glob = image_global.to(tokens.device).expand(tokens.shape[0], -1)
             feats = project(visual, self._cass_block(tokens, grid, x))  # (B, N, E) unit
         if text.device != feats.device:
             self._text = text = text.to(feats.device)

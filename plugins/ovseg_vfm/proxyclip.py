@@ -132,7 +132,6 @@ class ProxyCLIPPredictor(VFMGuidedPredictor):
         self.beta, self.gamma, self.pad_multiple = beta, gamma, pad_multiple  # checked by check_options
         super().__init__(model, pretrained, templates, cache_dir, quick_gelu, text_batch_size, seed, grid)
         self._build_vfm(vfm)
-        self.clip_patch_size = self.patch_size
         self.patch_size = int(self.vfm.patch_size)
         self._warned = False
 
