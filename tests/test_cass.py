@@ -408,3 +408,11 @@ def test_the_vfm_must_give_keys_of_clip_width():
         build_predictor("cass", model="ovseg-tiny-vit", pretrained="random", vfm=wide)
     with pytest.raises(ConfigError, match=r"vfm\.name 'sam'"):
         build_predictor("cass", model="ovseg-tiny-vit", pretrained="random", vfm=dict(TINY_VFM, name="sam"))
+
+
+def test_small_windows_use_a_lower_rank_and_windows_below_a_patch_are_refused(pred):
+    """Fewer than 10 patches: the SVD's rank is the patch count (the authors' optimal_q has no rank there)."""
+    out = pred(images(1, 40, 40, 8))
+    assert out.shape == (1, 8, 2, 2) and torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="smaller than one 16-pixel patch"):
+        pred(images(1, 12, 40, 8))

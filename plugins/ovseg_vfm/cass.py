@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ovseg.errors import ConfigError
 from ovseg.pipeline.options import choice, integer, number
-from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
+from ovseg.pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, grid_layout
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.runtime import module_dtype
 from ovseg_clip.dense import _run_block, neighbourhood_bias, project, trunk
@@ -228,6 +228,7 @@ class CASSPredictor(VFMGuidedPredictor):
         """Fused scores (B, Q, ⌊H/16⌋, ⌊W/16⌋), float32, of windows (B, 3, H, W) in [0, 1]."""
         text = self.text_embeddings
         visual = self.clip.visual
+        grid_layout(images.shape[-2], images.shape[-1], self.patch_size, self.grid)  # refuses windows below a patch
         x = mmseg_normalize(images)
         with standard_mha():
             tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp)
