@@ -416,3 +416,17 @@ def test_small_windows_use_a_lower_rank_and_windows_below_a_patch_are_refused(pr
     assert out.shape == (1, 8, 2, 2) and torch.isfinite(out).all()
     with pytest.raises(ConfigError, match="smaller than one 16-pixel patch"):
         pred(images(1, 12, 40, 8))
+
+
+@pytest.mark.parametrize("name", ["cass", "proxyclip"])
+def test_scores_are_float32_under_autocast_and_close_to_float32(name):
+    """A bf16-mixed run: scores stay float32 and the thresholded/graph steps keep their dtypes."""
+    vfm = dict(TINY_VFM, feature="k" if name == "cass" else "x")
+    p = build_predictor(name, model="ovseg-tiny-vit", pretrained="random", templates="single", vfm=vfm)
+    p.set_classes(NAMES)
+    windows = images(2, 64, 64, 9)
+    reference = p(windows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = p(windows)
+    assert out.dtype == torch.float32
+    assert float((out - reference).abs().max()) < 5e-2

@@ -209,15 +209,17 @@ class CASSPredictor(VFMGuidedPredictor):
         k = k.contiguous().view(n, b * heads, hd).transpose(0, 1)[:, 1:]  # (B·heads, N, hd)
         v = v.contiguous().view(n, b * heads, hd).transpose(0, 1)[:, 1:]
         vfm = self._vfm_keys(x, heads, grid)
-        vfm = match_key_range(vfm, k.reshape(b, heads, n - 1, hd)).reshape(b * heads, n - 1, hd)
-        clip_graph = torch.bmm(k, k.transpose(1, 2)) * scale
-        vfm_graph = torch.bmm(vfm, vfm.transpose(1, 2)) * scale
-        logits = distilled_graph(
-            vfm_graph.view(b, heads, n - 1, n - 1),
-            clip_graph.view(b, heads, n - 1, n - 1),
-            eigen_scaling=self.dataset not in NO_EIGEN_SCALING,
-            seed=self.svd_seed,
-        ).view(b * heads, n - 1, n - 1)
+        # the graphs keep the authors' dtypes (CLIP's, and float16 for the VFM's) even under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            vfm = match_key_range(vfm, k.reshape(b, heads, n - 1, hd)).reshape(b * heads, n - 1, hd)
+            clip_graph = torch.bmm(k, k.transpose(1, 2)) * scale
+            vfm_graph = torch.bmm(vfm, vfm.transpose(1, 2)) * scale
+            logits = distilled_graph(
+                vfm_graph.view(b, heads, n - 1, n - 1),
+                clip_graph.view(b, heads, n - 1, n - 1),
+                eigen_scaling=self.dataset not in NO_EIGEN_SCALING,
+                seed=self.svd_seed,
+            ).view(b * heads, n - 1, n - 1)
         bias = neighbourhood_bias(grid, self.gaussian_std, logits.device, logits.dtype)[1:, 1:]
         weights = torch.softmax(logits + bias, dim=-1)
         out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(n - 1, b, d)
@@ -240,8 +242,9 @@ class CASSPredictor(VFMGuidedPredictor):
             feats = project(visual, self._cass_block(tokens, grid, x))  # (B, N, E) unit
         if text.device != feats.device:
             self._text = text = text.to(feats.device)
-        presence = glob.float() @ text.T  # (B, Q)
-        adjusted = adjusted_text(feats, text, presence, self.clusters().to(feats.device), self.mean_vector_weight)
-        gamma = self.global_semantics_weight
-        scores = torch.einsum("bne,bqe->bnq", feats, adjusted) * (1 - gamma) + presence[:, None, :] * gamma
+        with torch.autocast(feats.device.type, enabled=False):  # float32 scores in every precision
+            presence = glob.float() @ text.T  # (B, Q)
+            adjusted = adjusted_text(feats, text, presence, self.clusters().to(feats.device), self.mean_vector_weight)
+            gamma = self.global_semantics_weight
+            scores = torch.einsum("bne,bqe->bnq", feats, adjusted) * (1 - gamma) + presence[:, None, :] * gamma
         return scores.transpose(1, 2).reshape(images.shape[0], -1, grid[0], grid[1])

@@ -53,11 +53,12 @@ def proxy_weights(features: torch.Tensor, beta: float, gamma: float) -> tuple[to
     """Proxy attention weights (B, N, N) from VFM features (B, C, N), and which windows were degenerate (B,).
 
     `S = f̂ᵀf̂`, `S' = γ (S − β·mean(S))` with the mean over each window's whole matrix, `S' < 0` masked,
-    row softmax; computed in float32. A row with every entry masked (only when β·mean(S) > max S) keeps its
+    row softmax; computed in float32 (also under autocast). A row with every entry masked (only when β·mean(S) > max S) keeps its
     diagonal, where the authors' code would give NaN.
     """
-    f = F.normalize(features.float(), dim=1)
-    sim = torch.einsum("b c m, b c n -> b m n", f, f)
+    with torch.autocast(features.device.type, enabled=False):  # a mixed-precision run must not cast S
+        f = F.normalize(features.float(), dim=1)
+        sim = torch.einsum("b c m, b c n -> b m n", f, f)
     # one mean per window, each over its whole matrix as the authors' `torch.mean(similarity)` (batch 1)
     mean = torch.stack([s.mean() for s in sim]).view(-1, 1, 1)
     sim = (sim - mean * beta) * gamma
