@@ -186,17 +186,42 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: torch.Tensor) -> tor
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
-    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+def embed(
+    visual: VisionTransformer, x: torch.Tensor, pos_interp: str, *, pos_by_count: bool = False
+) -> tuple[torch.Tensor, Grid]:
+    """Tokens entering block 0 (B, 1 + h*w, D) batch-first, and the patch grid (h, w), of normalised images.
+
+    Patch embedding, class token, positional embedding resampled to the grid (`resample_pos_embed` mode
+    `pos_interp`), `ln_pre`. `pos_by_count`: keep the table whenever the grid has as many patches as the
+    table (7x28 for 14x14), as SC-CLIP's and ResCLIP's code decide by token count, not by grid.
+    """
     b = x.shape[0]
     tokens = visual.conv1(x)  # (B, D, h, w)
     grid = tuple(tokens.shape[-2:])
     tokens = tokens.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(b, -1, -1)
-    pos = resample_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid, last.pos_interp)
+    old = tuple(visual.grid_size)
+    if pos_by_count and grid[0] * grid[1] == old[0] * old[1]:
+        pos = visual.positional_embedding
+    else:
+        pos = resample_pos_embed(visual.positional_embedding, old, grid, pos_interp)
     tokens = torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype)
     # patch dropout is skipped: it is the identity in eval mode and a dense map needs every patch
-    tokens = visual.ln_pre(tokens)
+    return visual.ln_pre(tokens), grid
+
+
+def project(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 features (B, n, E) of final tokens (B, n, D): `ln_post`, `proj`."""
+    feats = visual.ln_post(tokens)
+    if visual.proj is not None:
+        feats = feats @ visual.proj
+    return F.normalize(feats.float(), dim=-1)
+
+
+def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
+    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+    b = x.shape[0]
+    tokens, grid = embed(visual, x, last.pos_interp)
     blocks = visual.transformer.resblocks
     for blk in blocks[:-1]:
         tokens = _run_block(visual.transformer, blk, tokens)
@@ -204,11 +229,7 @@ def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) 
         tokens = last.forward(blocks[-1], tokens, grid)
     else:
         tokens = _run_block(visual.transformer, blocks[-1], tokens)
-    feats = visual.ln_post(tokens[:, 1:])
-    if visual.proj is not None:
-        feats = feats @ visual.proj
-    feats = F.normalize(feats.float(), dim=-1)
-    return feats.view(b, grid[0], grid[1], -1)
+    return project(visual, tokens[:, 1:]).view(b, grid[0], grid[1], -1)
 
 
 def cosine_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
