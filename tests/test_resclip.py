@@ -346,6 +346,10 @@ def test_options_are_validated(ckpt12):
         build_predictor("resclip", model="ovseg-tiny-vit", pretrained="random", templates="single")
     pred = build_predictor("resclip", model="ovseg-tiny-vit", pretrained="random", templates="single", rcs_layers=[0])
     assert pred.rcs_layers == (0,)
+    pred = build_predictor("resclip", model="ovseg-tiny-vit", pretrained="random", templates="single", use_rcs=False)
+    with pytest.raises(ConfigError, match="rcs_layers must be a block index"):
+        pred.configure(use_rcs=True)
+    assert pred.use_rcs is False
     with pytest.raises(ConfigError, match="base must be one of naclip, sclip, clearclip, clip"):
         build_predictor("resclip", pretrained=ckpt12, templates="single", base="maskclip")
     with pytest.raises(ConfigError, match="grid must be floor"):

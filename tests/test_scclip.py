@@ -56,7 +56,8 @@ def ref_lof(x, k=30, contamination=0.05, traps=()):
     else:
         lrd = 1.0 / kd
     lof = (lrd[nn] / lrd[:, None]).mean(1)
-    threshold = float(np.quantile(lof.double().numpy(), 1 - contamination, method="higher" if "quantile_higher" in traps else "linear"))
+    method = "higher" if "quantile_higher" in traps else "linear"
+    threshold = float(np.quantile(lof.double().numpy(), 1 - contamination, method=method))
     return lof >= threshold if "non_strict" in traps else lof > threshold
 
 

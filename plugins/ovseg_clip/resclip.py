@@ -47,7 +47,7 @@ BASES = ("naclip", "sclip", "clearclip", "clip")
 WITH_RESIDUAL = ("sclip", "clip")
 _SFR_EPS = 1e-8
 #: start patches per chunk of the path check: bounds its memory on large whole-image grids
-_PATH_CHUNK_ELEMENTS = 1 << 24
+_PATH_CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +174,8 @@ def attention_block(block, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _pair(value, name: str, owner: str) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise ConfigError(f"{owner}: {name} must be a pair [tau, lambda], got {value!r}")
-    return number(value[0], f"{name}[0] (tau)", owner), number(value[1], f"{name}[1] (lambda)", owner, minimum=0.0, maximum=1.0)
+    tau = number(value[0], f"{name}[0] (tau)", owner)
+    return tau, number(value[1], f"{name}[1] (lambda)", owner, minimum=0.0, maximum=1.0)
 
 
 class ResCLIPPredictor(MultiLayerPredictor):
@@ -244,7 +245,7 @@ class ResCLIPPredictor(MultiLayerPredictor):
         if isinstance(dil, (str, bytes)) or not isinstance(dil, Sequence) or not dil:
             raise ConfigError(f"{owner}: sfr_pamr_dilations must be a list of positive integers, got {dil!r}")
         self.sfr_pamr_dilations = tuple(integer(d, "sfr_pamr_dilations", owner, minimum=1) for d in dil)
-        if self.depth is not None:
+        if self.depth is not None and self.use_rcs:  # checked whenever RCS is on (a 2-layer tower can run without)
             self.rcs_layers = self.layers(self.rcs_layers, "rcs_layers")
         self.last_block = self._last_block()
 
