@@ -182,7 +182,8 @@ class CASSPredictor(VFMGuidedPredictor):
     def _image_global(self) -> torch.Tensor | None:
         if self._global is None and self._image is not None:
             with standard_mha():
-                tokens, _ = trunk(self.clip.visual, self._clip_input(self._image[None]), self.last_block.pos_interp)
+                tokens, _ = trunk(self.clip.visual, self._clip_input(self._image[None]), self.last_block.pos_interp,
+                                  pos_by_count=self.last_block.pos_by_count)
                 self._global = self._class_token(tokens)
         return self._global
 
@@ -233,7 +234,8 @@ class CASSPredictor(VFMGuidedPredictor):
         grid_layout(images.shape[-2], images.shape[-1], self.patch_size, self.grid)  # refuses windows below a patch
         x = mmseg_normalize(images)
         with standard_mha():
-            tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp)
+            tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp,
+                                 pos_by_count=self.last_block.pos_by_count)
             image_global = None if self.dataset in CROP_GLOBAL else self._image_global()
             if image_global is None:
                 glob = self._class_token(tokens)

@@ -83,7 +83,7 @@ class VFMGuidedPredictor(ClipDensePredictor):
 
     def _last_block(self) -> LastBlock:
         # only the positional-embedding rule is used: DINO-style, as both authors' `interpolate_pos_encoding`
-        return LastBlock(self.method, clip_block, "dino")
+        return LastBlock(self.method, clip_block, "dino", pos_by_count=True)  # as their authors' code: by token count
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", vfm={self.vfm.model_name!r}"

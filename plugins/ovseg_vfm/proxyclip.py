@@ -179,7 +179,8 @@ class ProxyCLIPPredictor(VFMGuidedPredictor):
             )
         visual = self.clip.visual
         with standard_mha():
-            tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp)
+            tokens, grid = trunk(visual, x.to(module_dtype(self.clip)), self.last_block.pos_interp,
+                                 pos_by_count=self.last_block.pos_by_count)
             out = proxy_attention(visual.transformer.resblocks[-1], tokens, grid, weights, vfm_grid)
         return project(visual, out).view(x.shape[0], vfm_grid[0], vfm_grid[1], -1)
 
