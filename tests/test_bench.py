@@ -142,7 +142,7 @@ def test_run_folder_of_another_configuration_is_refused(tmp_path, capsys):
     base = ["bench", "--suite", str(suite), "--data-root", str(data), "--output", str(tmp_path / "run"), *FAST]
     assert main(base) == 0
     assert main(base + ["refiner.alpha=0.5"]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    assert "another configuration (differs in: method.refiner)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
