@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
+    """SIGINT / SIGTERM stop the bench (`Interrupted`); an error raised while it stops is part of the stop."""
+    with stop_on_signals(lambda signum: interrupted_message("bench", signum)) as stopper:
+        try:
+            return _bench(args)
+        except Exception as exc:
+            if stopper.signum is None:
+                raise
+            raise Interrupted(stopper.signum) from exc
+
+
+def _bench(args) -> int:
     from ovseg.evaluation.bench import BenchOptions, run_bench
 
     opts = BenchOptions(
@@ -200,8 +211,9 @@ def cmd_predict(args) -> int:
     return run_predict(args)
 
 
-COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cmd_download, "compare": cmd_compare,
-            "predict": cmd_predict}
+#: subcommand -> function(args) -> exit status; a new subcommand adds its parser in `build_parser` and a line here
+COMMANDS = {"bench": cmd_bench, "predict": cmd_predict, "list": cmd_list, "env": cmd_env, "download": cmd_download,
+            "data": cmd_data_check, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,16 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (already printed) and --help: a return code, like other errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        if args.command == "data":
-            return cmd_data_check(args)
-        if args.command == "bench":
-            with stop_on_signals(lambda signum: interrupted_message("bench", signum)) as stopper:
-                try:
-                    return cmd_bench(args)
-                except Exception as exc:  # an error while stopping is part of the stop
-                    if stopper.signum is None:
-                        raise
-                    raise Interrupted(stopper.signum) from exc
         return COMMANDS[args.command](args)
     except OvsegError as exc:
         print(f"ovseg: error: {exc}", file=sys.stderr)

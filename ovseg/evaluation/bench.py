@@ -381,8 +381,10 @@ class _Bench:
         except DatasetError as exc:
             kind = problem_kind(exc)
             self.log(f"{spec.name}: {kind} — {exc}")
-            status = "missing" if kind == "missing" else "failed"
-            self.write(self.record(plan, status, reason=f"{kind}: {exc}", file=getattr(exc, "file", None)))
+            if kind == "missing":
+                self.write(self.record(plan, "missing", reason=str(exc)))
+            else:
+                self.write(self.record(plan, "failed", reason=f"{kind}: {exc}", file=getattr(exc, "file", None)))
             return False
         if self.opts.limit is not None:
             dataset = Subset(dataset, range(min(self.opts.limit, len(dataset))))

@@ -212,10 +212,11 @@ class BenchModule(L.LightningModule):
         self.biou.reset()
         sums = torch.tensor([self.images, self.data_s, clock.seconds["model"], clock.seconds["refiner"],
                              self.total_s], dtype=torch.float64, device=self.device)
-        sums = strategy.reduce(sums, reduce_op="sum")
         rss, gpu = peak_memory(self.device)
         peaks = torch.tensor([rss, -1.0 if gpu is None else gpu], dtype=torch.float64, device=self.device)
-        peaks = strategy.reduce(peaks, reduce_op=dist.ReduceOp.MAX if strategy.world_size > 1 else "sum")
+        if strategy.world_size > 1:  # seconds add up over processes; memory is the busiest process's
+            sums = strategy.reduce(sums, reduce_op="sum")
+            peaks = strategy.reduce(peaks, reduce_op=dist.ReduceOp.MAX)
         images = int(sums[0].item())
         per = [v / images if images else None for v in sums[1:].tolist()]
         cost = Cost(*per, peak_rss_mb=round(peaks[0].item(), 1),

@@ -185,7 +185,9 @@ def read_manifest(run_dir: str | Path) -> Manifest | None:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DamagedManifest(f"{path} is not valid YAML ({' '.join(str(exc).split())})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise DamagedManifest(f"{path} is not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from exc
     return Manifest.from_doc(doc, str(path))
 
 

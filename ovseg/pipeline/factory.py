@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ovseg.errors import PluginError
+from ovseg.errors import ConfigError, PluginError
 from ovseg import registry
 
 from .options import unknown_options
@@ -26,7 +26,10 @@ def _build(kind: str, base: type, name: str, cfg: dict[str, Any]):
         params = signature.parameters.values()
         if not any(p.kind is p.VAR_KEYWORD for p in params):  # name only the keys it lacks, with a close match
             known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            unknown_options(cfg, known, f"{kind} {name!r}")
+            try:
+                unknown_options(cfg, known, f"{kind} {name!r}")
+            except ConfigError as unknown:
+                raise PluginError(str(unknown)) from exc
         raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
     try:
         return cls(**cfg)
