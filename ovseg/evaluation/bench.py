@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,6 @@ from ovseg.errors import ConfigError, DatasetError
 from ovseg.paths import data_root as default_data_root
 from ovseg.version import __version__
 
-from . import atomic
 from .data.check import problem_kind
 from .interrupt import LAUNCHER_ENV, Interrupted, stop_on_signals
 from .methods import StageOptions, build_segmenter, dataset_protocol, dataset_vocabulary, stage_kwargs
@@ -153,8 +153,8 @@ def _check_writable(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / RESULTS):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(folder / ".write-test", "")
-            (folder / ".write-test").unlink()
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test."):  # a unique name, removed on close
+                pass
         except OSError as exc:
             raise ConfigError(
                 f"--output {run_dir}: cannot write to {folder} ({exc.strerror or exc}); choose another --output "
