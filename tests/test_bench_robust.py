@@ -438,6 +438,12 @@ def test_compare_chart_keeps_every_legend_swatch(tmp_path):
 
 
 # ---------------------------------------------------------------- W&B without a network
+def offline_runs(tmp_path, run_id):
+    """W&B's offline folders of one run id; a resume within the same second gets a '-1' suffix."""
+    return [p for p in (tmp_path / "run" / "wandb").glob("offline-run-*")
+            if p.name.endswith(f"-{run_id}") or f"-{run_id}-" in p.name]
+
+
 @pytest.mark.slow
 def test_wandb_with_credentials_but_no_network_falls_back_offline_and_resumes_the_same_run(tmp_path, monkeypatch,
                                                                                             capsys):
@@ -458,7 +464,7 @@ def test_wandb_with_credentials_but_no_network_falls_back_offline_and_resumes_th
     out = capsys.readouterr().out
     assert f"W&B: cannot reach 127.0.0.1:{port}" in out and "logging offline" in out
     run_id = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["wandb_id"]
-    assert run_id and len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    assert run_id and len(offline_runs(tmp_path, run_id)) == 1
     tables = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
     table = json.loads(tables[0].read_text())
     row = dict(zip(table["columns"], table["data"][0]))
@@ -467,4 +473,4 @@ def test_wandb_with_credentials_but_no_network_falls_back_offline_and_resumes_th
     assert main(args) == 0  # resumed: a is skipped, b computed, in the same W&B run
     assert "a: already finished" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["wandb_id"] == run_id
-    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert len(offline_runs(tmp_path, run_id)) == 2

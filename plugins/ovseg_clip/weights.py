@@ -368,6 +368,9 @@ def load_clip(
         except WeightsError as exc:
             if "Fix:" in str(exc):
                 raise
+            if os.path.isfile(pretrained):  # the user's own file: downloading would not help
+                raise WeightsError(f"{exc}. Check or re-copy that file, or pass another `predictor.pretrained`.") from (
+                    exc.__cause__ or exc)
             raise WeightsError(f"{exc}. {_fix_hint()}") from (exc.__cause__ or exc)
     loaded.model = loaded.model.float().eval().requires_grad_(False)
     log.info("CLIP weights: %s", loaded.source)
