@@ -18,7 +18,7 @@ from ovseg import build_refiner  # noqa: E402
 from ovseg.metrics import BoundaryIoU, IoU  # noqa: E402
 from ovseg.windows import merge_windows, sliding_windows  # noqa: E402
 from ovseg_lposs import propagate_patches, propagate_pixels  # noqa: E402
-from ovseg_lposs.cg import block_cg  # noqa: E402
+from ovseg_lposs.cg import block_cg, block_cg_numpy  # noqa: E402
 from ovseg_lposs.pixel_lp import lab_image  # noqa: E402
 from ovseg_lposs.refiners import LPOSSRefiner, infer_patch_size, patch_centers  # noqa: E402
 
@@ -111,6 +111,27 @@ def test_block_cg_matches_per_column_scipy_cg_with_early_stops():
         assert np.abs(X.numpy() - ref).max() <= 1e-12 * np.abs(ref).max()
     assert torch.equal(X[:, 1], torch.zeros(n, dtype=torch.float64))
     assert torch.allclose(X, torch.linalg.solve(A, B), atol=1e-7)  # 60 steps: converged
+
+
+def test_block_cg_numpy_is_block_cg():
+    # the numpy iteration used for the patch LP on CPU: same iterates, same early stops
+    g = torch.Generator().manual_seed(40)
+    n = 300  # more than one 256-row block in the column sums
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A @ A.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    evecs = torch.linalg.eigh(A)[1]
+    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    B[:, 1] = 0
+    B[:, 2] = 3 * evecs[:, 5]
+    for maxiter, tol in [(10, 1e-6), (3, 1e-6), (80, 1e-9), (0, 1e-6)]:
+        X = block_cg_numpy(lambda p: (A @ torch.from_numpy(p)).numpy(), B.numpy(), tol=tol, maxiter=maxiter)
+        ref = block_cg(lambda p: A @ p, B, tol=tol, maxiter=maxiter)
+        assert np.abs(X - ref.numpy()).max() <= 1e-12 * max(ref.abs().max().item(), 1e-300)
+        assert np.array_equal(X[:, 1], np.zeros(n))
+        if maxiter == 10:
+            assert np.abs(X - scipy_cg_columns(A.numpy(), B.numpy(), tol, maxiter)).max() <= 1e-12 * np.abs(X).max()
+    assert block_cg_numpy(lambda p: p, np.zeros((0, 3))).shape == (0, 3)
+    assert block_cg_numpy(lambda p: p, B.numpy().astype(np.float32)).dtype == np.float32
 
 
 # ---------------------------------------------------------------------------------------------

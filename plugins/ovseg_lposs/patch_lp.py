@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cg import block_cg, full_precision_matmul
+from .cg import block_cg, block_cg_numpy, full_precision_matmul
 
 #: up to this many patches the kNN search keeps the whole N×N similarity matrix (256 MB in float32)
 #: and finds the union of the kNN lists with an N×N byte mask; above it, row chunks and a sort
@@ -438,4 +438,13 @@ def propagate_patches(
             sigma=sigma,
             pix_dist_pow=pix_dist_pow,
         )
-    return block_cg(lambda p: torch.add(p, graph.matmul(p), alpha=-alpha), y.contiguous(), tol=tol, maxiter=maxiter)
+    if device.type != "cpu":
+        return block_cg(lambda p: torch.add(p, graph.matmul(p), alpha=-alpha), y.contiguous(), tol=tol, maxiter=maxiter)
+
+    def apply(p: np.ndarray) -> np.ndarray:  # (I - alpha Wn) p
+        ap = graph.matmul(torch.from_numpy(p)).numpy()
+        ap *= -alpha
+        ap += p
+        return ap
+
+    return torch.from_numpy(block_cg_numpy(apply, np.ascontiguousarray(y.detach().numpy()), tol=tol, maxiter=maxiter))
