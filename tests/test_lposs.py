@@ -233,7 +233,7 @@ def test_cpu_threshold_graph_equals_the_topk_graph(monkeypatch, dtype):
 
     n = 150
     monkeypatch.setattr(patch_lp, "CPU_TASK_BYTES", 7 * n * 8)  # blocks of 7 (float64) or 14 rows
-    monkeypatch.setattr(patch_lp, "GRAM_LEAF_ROWS", 20)  # a recursive Gram matrix
+    monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", 20)  # lower triangle copied in 8 strips
     built = _spy_cpu_graph(monkeypatch, patch_lp)
     x = clustered(n, 24, 5, seed=30).to(dtype)
     c = (torch.rand(n, 2, generator=torch.Generator().manual_seed(31), dtype=torch.float64) * 300).to(dtype)
@@ -268,15 +268,16 @@ def test_cpu_graph_hands_a_tie_at_the_kth_similarity_to_topk(monkeypatch):
     assert ties > 0  # the fallback was exercised
 
 
-def test_gram_is_exactly_symmetric():
+def test_cpu_gram_is_exactly_symmetric(monkeypatch):
     import ovseg_lposs.patch_lp as patch_lp
 
     g = torch.Generator().manual_seed(34)
-    for n, leaf, dtype in [(1, 4, torch.float32), (7, 2, torch.float32), (101, 16, torch.float32), (90, 7, torch.float64),
-                           (64, 384, torch.float32)]:
+    for n, rows, dtype in [(1, 4, torch.float32), (7, 2, torch.float32), (101, 16, torch.float32), (90, 7, torch.float64),
+                           (64, 128, torch.float32)]:
+        monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", rows)
         x = torch.randn(n, 33, generator=g, dtype=dtype)
         out = torch.full((n, n), float("nan"), dtype=dtype)
-        patch_lp._gram(x, out, leaf)
+        patch_lp._gram(x, out)
         assert torch.equal(out, out.T)
         exact = x.double() @ x.double().T
         assert (out.double() - exact).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-14) * exact.abs().max()
