@@ -234,6 +234,7 @@ def test_cpu_threshold_graph_equals_the_topk_graph(monkeypatch, dtype):
     n = 150
     monkeypatch.setattr(patch_lp, "CPU_TASK_BYTES", 7 * n * 8)  # blocks of 7 (float64) or 14 rows
     monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", 20)  # lower triangle copied in 8 strips
+    monkeypatch.setattr(patch_lp, "GRAM_BLOCK_ROWS", 40)  # upper triangle in 4 block rows
     built = _spy_cpu_graph(monkeypatch, patch_lp)
     x = clustered(n, 24, 5, seed=30).to(dtype)
     c = (torch.rand(n, 2, generator=torch.Generator().manual_seed(31), dtype=torch.float64) * 300).to(dtype)
@@ -275,6 +276,7 @@ def test_cpu_gram_is_exactly_symmetric(monkeypatch):
     for n, rows, dtype in [(1, 4, torch.float32), (7, 2, torch.float32), (101, 16, torch.float32), (90, 7, torch.float64),
                            (64, 128, torch.float32)]:
         monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", rows)
+        monkeypatch.setattr(patch_lp, "GRAM_BLOCK_ROWS", 3 * rows)
         x = torch.randn(n, 33, generator=g, dtype=dtype)
         out = torch.full((n, n), float("nan"), dtype=dtype)
         patch_lp._gram(x, out)

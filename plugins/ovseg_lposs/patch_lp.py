@@ -141,24 +141,28 @@ def _gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: rows per GEMM of the CPU Gram matrix (each computes one block row of the upper triangle): 2 for
+#: N = 2940. Smaller block rows compute fewer products (58 % with 6) but were slower on the shared
+#: 2-core machine, where every BLAS call's thread synchronisation costs more than its arithmetic.
+GRAM_BLOCK_ROWS = 1536
 #: rows per task when the CPU Gram matrix's lower triangle is copied from its upper one
 SYMMETRISE_ROWS = 128
 
 
 def _gram_cpu(x: np.ndarray, out: np.ndarray) -> None:
-    """`x @ x.T` into `out` with numpy: the upper triangle's blocks by two GEMMs, the lower triangle copied.
+    """`x @ x.T` into `out` with numpy: the upper triangle by block rows, the lower triangle copied.
 
-    A GEMM does not promise `(XXᵀ)_ij == (XXᵀ)_ji` bit for bit, so the whole lower triangle
-    (the mirrored block and the lower halves of the two diagonal blocks) is copied from the upper one,
-    in strips of rows: the transposed reads of a strip stay in the L1 cache, and the strips run in
-    threads. The GEMMs go through numpy's BLAS (OpenBLAS in numpy's wheels), which ran this product
-    2.5x as fast as torch's MKL on the AMD EPYC development machine (MKL takes a generic code path
-    there).
+    Block row b (rows a:z) is one GEMM, `x[a:z] @ x[a:].T`, from its diagonal block rightwards, so
+    the products are `N²/2 + N·rows/2` (3/4 of them in 2 block rows). A GEMM does not
+    promise `(XXᵀ)_ij == (XXᵀ)_ji` bit for bit, so the whole lower triangle is then copied from the
+    upper one, in strips of rows: a strip's transposed reads stay in the L1 cache, and the strips run
+    in threads. The GEMMs go through numpy's BLAS (OpenBLAS in numpy's wheels), which ran them 2.5x
+    as fast as torch's MKL on the AMD EPYC development machine (MKL takes a generic code path there).
     """
     n = x.shape[0]
-    h = n // 2
-    np.matmul(x[:h], x.T, out=out[:h])
-    np.matmul(x[h:], x[h:].T, out=out[h:, h:])
+    edges = np.linspace(0, n, max(1, round(n / GRAM_BLOCK_ROWS)) + 1).astype(int)
+    for a, z in zip(edges[:-1], edges[1:]):
+        np.matmul(x[a:z], x[a:].T, out=out[a:z, a:])
 
     def mirror(t: int) -> None:
         a, b = t * SYMMETRISE_ROWS, min((t + 1) * SYMMETRISE_ROWS, n)
