@@ -18,7 +18,7 @@ from ovseg import build_refiner  # noqa: E402
 from ovseg.evaluation.metrics import BoundaryIoU, IoU  # noqa: E402
 from ovseg.pipeline.windows import merge_windows, sliding_windows  # noqa: E402
 from ovseg_lposs import propagate_patches, propagate_pixels  # noqa: E402
-from ovseg_lposs.cg import block_cg  # noqa: E402
+from ovseg_lposs.cg import block_cg, block_cg_numpy  # noqa: E402
 from ovseg_lposs.pixel_lp import lab_image  # noqa: E402
 from ovseg_lposs.refiners import LPOSSRefiner, infer_patch_size, patch_centers  # noqa: E402
 
@@ -113,6 +113,27 @@ def test_block_cg_matches_per_column_scipy_cg_with_early_stops():
     assert torch.allclose(X, torch.linalg.solve(A, B), atol=1e-7)  # 60 steps: converged
 
 
+def test_block_cg_numpy_is_block_cg():
+    # the numpy iteration used for the patch LP on CPU: same iterates, same early stops
+    g = torch.Generator().manual_seed(40)
+    n = 300  # more than one 256-row block in the column sums
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A @ A.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    evecs = torch.linalg.eigh(A)[1]
+    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    B[:, 1] = 0
+    B[:, 2] = 3 * evecs[:, 5]
+    for maxiter, tol in [(10, 1e-6), (3, 1e-6), (80, 1e-9), (0, 1e-6)]:
+        X = block_cg_numpy(lambda p: (A @ torch.from_numpy(p)).numpy(), B.numpy(), tol=tol, maxiter=maxiter)
+        ref = block_cg(lambda p: A @ p, B, tol=tol, maxiter=maxiter)
+        assert np.abs(X - ref.numpy()).max() <= 1e-12 * max(ref.abs().max().item(), 1e-300)
+        assert np.array_equal(X[:, 1], np.zeros(n))
+        if maxiter == 10:
+            assert np.abs(X - scipy_cg_columns(A.numpy(), B.numpy(), tol, maxiter)).max() <= 1e-12 * np.abs(X).max()
+    assert block_cg_numpy(lambda p: p, np.zeros((0, 3))).shape == (0, 3)
+    assert block_cg_numpy(lambda p: p, B.numpy().astype(np.float32)).dtype == np.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # patch LP
 
@@ -182,6 +203,101 @@ def test_float32_csr_graph_and_its_product_match_the_dense_formula_across_sizes(
         assert ((rows * n + graph.columns).diff() > 0).all()  # CSR: each pair once, rows and columns ascending
         p = torch.randn(n, 7, generator=torch.Generator().manual_seed(seed))
         assert np.abs(graph.matmul(p).numpy() - ref @ p.double().numpy()).max() <= 1e-5
+
+
+def _spy_cpu_graph(monkeypatch, patch_lp):
+    """Record what the CPU graph build returns (None: it handed the graph to the topk path)."""
+    results = []
+    build = patch_lp._cpu_graph
+
+    def spy(*args):
+        results.append(build(*args))
+        return results[-1]
+
+    monkeypatch.setattr(patch_lp, "_cpu_graph", spy)
+    return results
+
+
+def _topk_graph(monkeypatch, patch_lp, x, c, **kw):
+    """The graph from the topk path, which other devices take, with the CPU build switched off."""
+    with monkeypatch.context() as m:
+        m.setattr(patch_lp, "_cpu_graph", lambda *args: None)
+        return patch_lp.patch_graph(x, c, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_threshold_graph_equals_the_topk_graph(monkeypatch, dtype):
+    # per-row thresholds on row blocks in threads give the same CSR structure as topk + byte mask,
+    # and the same values up to rounding; also with one neighbour (only itself: no edges) and k = N
+    import ovseg_lposs.patch_lp as patch_lp
+
+    n = 150
+    monkeypatch.setattr(patch_lp, "CPU_TASK_BYTES", 7 * n * 8)  # blocks of 7 (float64) or 14 rows
+    monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", 20)  # lower triangle copied in 8 strips
+    monkeypatch.setattr(patch_lp, "GRAM_BLOCK_ROWS", 40)  # upper triangle in 4 block rows
+    built = _spy_cpu_graph(monkeypatch, patch_lp)
+    x = clustered(n, 24, 5, seed=30).to(dtype)
+    c = (torch.rand(n, 2, generator=torch.Generator().manual_seed(31), dtype=torch.float64) * 300).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for kw in [dict(k=1), dict(k=17), dict(k=60, gamma=1.5, sigma=0.03, pix_dist_pow=2.0), dict(k=n, gamma=2.0)]:
+        ours = patch_lp.patch_graph(x, c, **kw)
+        assert built[-1] is ours  # the CPU build made it, no fallback
+        ref = _topk_graph(monkeypatch, patch_lp, x, c, **kw)
+        assert torch.equal(ours.offsets, ref.offsets) and torch.equal(ours.columns, ref.columns)
+        assert ours.values.dtype == dtype
+        assert torch.allclose(ours.values, ref.values, rtol=0, atol=tol * float(ref.values.abs().sum()))
+    assert patch_lp.patch_graph(x, c, k=1).values.numel() == 0
+
+
+def test_cpu_graph_hands_a_tie_at_the_kth_similarity_to_topk(monkeypatch):
+    # duplicated features give equal similarities; where such a pair straddles a row's k-th place,
+    # the threshold selects k + 1 entries, so the CPU build must give up and topk decides, as before
+    import ovseg_lposs.patch_lp as patch_lp
+
+    built = _spy_cpu_graph(monkeypatch, patch_lp)
+    x = clustered(60, 8, 3, seed=32)
+    x = torch.cat([x, x[::3]])
+    n = x.shape[0]
+    c = torch.rand(n, 2, generator=torch.Generator().manual_seed(33), dtype=torch.float64) * 100
+    ties = 0
+    for k in range(5, 30):
+        graph = patch_lp.patch_graph(x, c, k=k)
+        ties += built[-1] is None
+        ref = _topk_graph(monkeypatch, patch_lp, x, c, k=k)
+        assert torch.equal(graph.offsets, ref.offsets) and torch.equal(graph.columns, ref.columns)
+        assert torch.allclose(graph.values, ref.values, rtol=0, atol=1e-15)
+    assert ties > 0  # the fallback was exercised
+
+
+def test_cpu_gram_is_exactly_symmetric(monkeypatch):
+    import ovseg_lposs.patch_lp as patch_lp
+
+    g = torch.Generator().manual_seed(34)
+    for n, rows, dtype in [(1, 4, torch.float32), (7, 2, torch.float32), (101, 16, torch.float32), (90, 7, torch.float64),
+                           (64, 128, torch.float32)]:
+        monkeypatch.setattr(patch_lp, "SYMMETRISE_ROWS", rows)
+        monkeypatch.setattr(patch_lp, "GRAM_BLOCK_ROWS", 3 * rows)
+        x = torch.randn(n, 33, generator=g, dtype=dtype)
+        out = torch.full((n, n), float("nan"), dtype=dtype)
+        patch_lp._gram(x, out)
+        assert torch.equal(out, out.T)
+        exact = x.double() @ x.double().T
+        assert (out.double() - exact).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-14) * exact.abs().max()
+
+
+def test_parallel_runs_every_task_once_and_reraises():
+    import ovseg_lposs.patch_lp as patch_lp
+
+    done = []
+    patch_lp._parallel(done.append, 50)
+    assert sorted(done) == list(range(50))
+
+    def fail(t):
+        if t == 3:
+            raise KeyError("task 3")
+
+    with pytest.raises(KeyError, match="task 3"):
+        patch_lp._parallel(fail, 10)
 
 
 def test_propagate_patches_k_larger_than_n_and_isolated_patches():

@@ -1,12 +1,19 @@
 """LPOSS patch label propagation: exact kNN graph over patch features, then 10 steps of block CG.
 
-Everything is torch on the input's device. The symmetrised graph `W + Wᵀ` is built directly in CSR
-form (row offsets, column indices, values) from the kNN lists, and its product with the (N, classes)
-block of CG directions is one `embedding_bag` (a weighted sum of gathered rows per node). That uses
-only its ~N·k non-zeros: on the ADE-like case (N = 2940, k = 400, 19 % dense) it is about twice as
-fast as a dense fp32 GEMM and needs no N×N float matrix after the kNN search. Graph and CG run in
-float32 (float64 when the inputs are float64): against the reference (float32 graph, float64 CG)
-this differs by about 1e-6 relative, far inside 1e-4.
+The symmetrised graph `W + Wᵀ` is built directly in CSR form (row offsets, column indices, values)
+and its product with the (N, classes) block of CG directions is one `embedding_bag` (a weighted sum
+of gathered rows per node). That uses only its ~N·k non-zeros: on the ADE-like case (N = 2940,
+k = 400, 15 % dense) it is about twice as fast as a dense fp32 GEMM and needs no N×N float matrix
+after the kNN search.
+
+The similarity matrix is one exactly symmetric Gram matrix (`_gram`). On CPU the kNN lists are
+per-row thresholds (the k-th largest similarity, by `np.partition`), and the graph is built from
+them with numpy on row blocks in threads (`_cpu_graph`); on other devices, and on CPU when a row has
+a tie at its k-th similarity, with `topk` and an N×N byte mask in torch (`_union_from_mask`). Both
+give the same graph when there is no tie. The CG runs in torch on every device.
+
+Graph and CG run in float32 (float64 when the inputs are float64): against the reference (float32
+graph, float64 CG) this differs by about 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cg import block_cg, full_precision_matmul
+from .cg import block_cg, block_cg_numpy, full_precision_matmul
 
 #: up to this many patches the kNN search keeps the whole N×N similarity matrix (256 MB in float32)
 #: and finds the union of the kNN lists with an N×N byte mask; above it, row chunks and a sort
@@ -98,19 +107,17 @@ def knn_inner_product(features: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return torch.cat(sims), torch.cat(idx)
 
 
-def _union_from_mask(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _union_from_mask(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Union of the kNN lists (without the diagonal) as sorted flat indices i·N + j, with sims and multiplicity.
 
-    The whole similarity matrix is kept, so the union's similarities are read from it; an N×N byte
+    `sims` is the whole similarity matrix, so the union's similarities are read from it; an N×N byte
     mask counts each pair once per list it is in (1, or 2 for mutual neighbours), and its non-zeros in
     row-major order are the CSR structure. This avoids sorting the 2·N·k directed pairs.
     """
-    n = features.shape[0]
-    k = _neighbour_count(k, n)
-    sims = _gram(features, _similarity_buffer(n, features.dtype, features.device))
+    n = sims.shape[0]
     idx = sims.topk(k, dim=1, sorted=False).indices
-    count = torch.zeros((n, n), dtype=torch.int8, device=features.device)
-    one = torch.ones((), dtype=torch.int8, device=features.device).expand(n, k)
+    count = torch.zeros((n, n), dtype=torch.int8, device=sims.device)
+    one = torch.ones((), dtype=torch.int8, device=sims.device).expand(n, k)
     count.scatter_add_(1, idx, one)
     count.T.scatter_add_(1, idx, one)
     count.diagonal().zero_()  # the self-loops the kNN lists contain are dropped (reference §4.6)
@@ -119,12 +126,52 @@ def _union_from_mask(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
 
 def _gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`x @ x.T` into `out`, computing the lower-left block as the transpose of the upper-right (3/4 of the flops)."""
+    """`x @ x.T` into `out`, computing the lower-left block as the transpose of the upper-right (3/4 of the flops).
+
+    On CPU (float32/float64) the result is exactly symmetric (`_gram_cpu`), which the CPU graph
+    build relies on.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):  # numpy has no bfloat16
+        _gram_cpu(x.detach().numpy(), out.numpy())
+        return out
     h = x.shape[0] // 2
     torch.mm(x[:h], x.T, out=out[:h])
     torch.mm(x[h:], x[h:].T, out=out[h:, h:])
     out[h:, :h] = out[:h, h:].T
     return out
+
+
+#: rows per GEMM of the CPU Gram matrix (each computes one block row of the upper triangle): 2 for
+#: N = 2940. Smaller block rows compute fewer products (58 % with 6) but were slower on the shared
+#: 2-core machine, where every BLAS call's thread synchronisation costs more than its arithmetic.
+GRAM_BLOCK_ROWS = 1536
+#: rows per task when the CPU Gram matrix's lower triangle is copied from its upper one
+SYMMETRISE_ROWS = 128
+
+
+def _gram_cpu(x: np.ndarray, out: np.ndarray) -> None:
+    """`x @ x.T` into `out` with numpy: the upper triangle by block rows, the lower triangle copied.
+
+    Block row b (rows a:z) is one GEMM, `x[a:z] @ x[a:].T`, from its diagonal block rightwards, so
+    the products are `N²/2 + N·rows/2` (3/4 of them in 2 block rows). A GEMM does not
+    promise `(XXᵀ)_ij == (XXᵀ)_ji` bit for bit, so the whole lower triangle is then copied from the
+    upper one, in strips of rows: a strip's transposed reads stay in the L1 cache, and the strips run
+    in threads. The GEMMs go through numpy's BLAS (OpenBLAS in numpy's wheels), which ran them 2.5x
+    as fast as torch's MKL on the AMD EPYC development machine (MKL takes a generic code path there).
+    """
+    n = x.shape[0]
+    edges = np.linspace(0, n, max(1, round(n / GRAM_BLOCK_ROWS)) + 1).astype(int)
+    for a, z in zip(edges[:-1], edges[1:]):
+        np.matmul(x[a:z], x[a:].T, out=out[a:z, a:])
+
+    def mirror(t: int) -> None:
+        a, b = t * SYMMETRISE_ROWS, min((t + 1) * SYMMETRISE_ROWS, n)
+        out[b:, a:b] = out[a:b, b:].T
+        block = out[a:b, a:b]
+        lower = np.tril_indices(b - a, -1)
+        block[lower] = block.T[lower]
+
+    _parallel(mirror, -(-n // SYMMETRISE_ROWS))
 
 
 #: the similarity matrix is kept for the next call up to this size (N = 4096 in float32)
@@ -184,10 +231,30 @@ def patch_graph(
     nearest neighbours of i (itself included; the diagonal is dropped after symmetrising). In
     `W + Wᵀ` a pair that is in both lists counts twice. A node with zero degree keeps degree 1, so it
     is isolated and keeps its own label.
+
+    On CPU the kNN lists come from per-row thresholds and the graph is built with numpy
+    (`_cpu_graph`); on other devices, and on CPU for a row with ties at its k-th similarity, from
+    `topk` in torch. Both give the same graph when there are no ties.
     """
     n = features.shape[0]
-    union = _union_from_mask if n <= DENSE_KNN_MAX_NODES else _union_by_sorting
-    flat, sims, count = union(features, k)
+    k = _neighbour_count(k, n)
+    if n > DENSE_KNN_MAX_NODES:
+        return _graph_from_union(*_union_by_sorting(features, k), centers, gamma, sigma, pix_dist_pow)
+    sims = _gram(features, _similarity_buffer(n, features.dtype, features.device))
+    if features.device.type == "cpu" and features.dtype in (torch.float32, torch.float64):
+        points = centers.detach().to(features.dtype).numpy()
+        graph = _cpu_graph(sims.numpy(), points, k, gamma, sigma, pix_dist_pow)
+        if graph is not None:
+            return graph
+    return _graph_from_union(*_union_from_mask(sims, k), centers, gamma, sigma, pix_dist_pow)
+
+
+def _graph_from_union(
+    flat: torch.Tensor, sims: torch.Tensor, count: torch.Tensor, centers: torch.Tensor, gamma: float, sigma: float,
+    pix_dist_pow: float,
+) -> PatchGraph:
+    """The normalised graph from the union of the kNN lists (sorted flat indices, sims, multiplicity), in torch."""
+    n = centers.shape[0]
     offsets = torch.searchsorted(flat, torch.arange(n + 1, device=flat.device) * n)
     rows = _expand_offsets(offsets)
     columns = flat - rows * n
@@ -201,6 +268,145 @@ def patch_graph(
     dinv = _inv_sqrt_degree(graph.matmul(torch.ones((n, 1), dtype=values.dtype, device=values.device)).squeeze(1))
     values.mul_(dinv.index_select(0, rows)).mul_(dinv.index_select(0, columns))
     return graph
+
+
+#: similarity rows per task in the CPU graph build (1.5 MB: 128 rows at N = 2940; fewer, smaller tasks were slower)
+CPU_TASK_BYTES = 3 << 19
+
+
+def _cpu_graph(
+    sims: np.ndarray, points: np.ndarray, k: int, gamma: float, sigma: float, pix_dist_pow: float
+) -> PatchGraph | None:
+    """The normalised graph from the (exactly symmetric) similarity matrix, in numpy on row blocks in threads.
+
+    Row i's kNN list is `{j : S_ij >= t_i}` with `t_i` its k-th largest similarity (`np.partition`,
+    a linear-time selection, instead of a top-k). That is exactly the top-k set when the row has no
+    tie at `t_i`; a row with a tie (or a NaN) has more (fewer) than k such entries, and then None is
+    returned, so the caller builds the graph with `topk` as on other devices. S is symmetric, so
+    "i is in j's list" is `S_ij >= t_j`, read in row i too: each row block gives its rows of
+    `W + Wᵀ` (multiplicity 0, 1 or 2) without a transpose, already in CSR order. Weights, degrees and
+    the normalisation are computed per block; numpy releases the GIL in all of them, so the blocks
+    run on `torch.get_num_threads()` threads.
+    """
+    n = sims.shape[0]
+    step = max(1, min(n, CPU_TASK_BYTES // (sims.itemsize * n)))
+    starts = range(0, n, step)
+    kth = np.empty(n, sims.dtype)
+
+    def thresholds(t: int) -> None:
+        a, b = starts[t], min(starts[t] + step, n)
+        kth[a:b] = np.partition(sims[a:b], n - k, axis=1)[:, n - k]
+
+    _parallel(thresholds, len(starts))
+    py, px = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+    tally = np.uint16 if n < 1 << 16 else np.int64  # row counts of a byte mask
+    parts: list = [None] * len(starts)
+
+    tied: list[bool] = []
+
+    def edges(t: int) -> None:
+        a, b = starts[t], min(starts[t] + step, n)
+        block = sims[a:b]
+        own = block >= kth[a:b, None]
+        if tied or (own.view(np.uint8).sum(axis=1, dtype=tally) != k).any():
+            tied.append(True)  # a tie at the k-th similarity: the graph is left to topk
+            return
+        count = own.view(np.int8)
+        count += (block >= kth).view(np.int8)
+        count[np.arange(b - a), np.arange(a, b)] = 0  # the self-loops the lists contain are dropped (§4.6)
+        flat = np.flatnonzero(count.view(bool))  # numpy's fast path is for bool (5x the int8 one)
+        local = np.searchsorted(flat, np.arange(0, (b - a + 1) * n, n))  # CSR offsets of the block's rows
+        per_row = np.diff(local)
+        columns = flat - np.repeat(np.arange(0, (b - a) * n, n), per_row)
+        s = block.ravel().take(flat)
+        np.maximum(s, 0, out=s)
+        values = _power(s, gamma)
+        values *= count.ravel().take(flat)
+        dy = np.repeat(py[a:b], per_row)
+        dy -= py.take(columns)
+        dx = np.repeat(px[a:b], per_row)
+        dx -= px.take(columns)
+        dy *= dy
+        dx *= dx
+        dy += dx
+        dist = np.sqrt(dy, out=dy) if pix_dist_pow == 1 else np.power(dy, pix_dist_pow / 2, out=dy)
+        dist *= -sigma
+        values *= np.exp(dist, out=dist)
+        parts[t] = (columns, values, per_row, _segment_sums(values, local))
+
+    _parallel(edges, len(starts))
+    if tied:
+        return None
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.concatenate([part[2] for part in parts]), out=offsets[1:])
+    degree = np.concatenate([part[3] for part in parts]).astype(sims.dtype)
+    degree[degree == 0] = 1
+    dinv = np.reciprocal(np.sqrt(degree, out=degree), out=degree)
+    columns = np.empty(int(offsets[-1]), np.int64)
+    values = np.empty(int(offsets[-1]), sims.dtype)
+
+    def normalise(t: int) -> None:
+        a, b = starts[t], min(starts[t] + step, n)
+        cols, w, per_row = parts[t][:3]
+        out = slice(offsets[a], offsets[b])
+        columns[out] = cols
+        np.multiply(w, np.repeat(dinv[a:b], per_row), out=values[out])
+        values[out] *= dinv.take(cols)
+
+    _parallel(normalise, len(starts))
+    return PatchGraph(torch.from_numpy(offsets), torch.from_numpy(columns), torch.from_numpy(values))
+
+
+def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sums of `values[offsets[i]:offsets[i + 1]]` in float64, 0 for an empty segment."""
+    sums = np.zeros(offsets.size - 1, np.float64)
+    nonempty = offsets[:-1] < offsets[1:]
+    if nonempty.any():  # reduceat takes an empty segment's next value, so those are left out
+        sums[nonempty] = np.add.reduceat(values, offsets[:-1][nonempty], dtype=np.float64)
+    return sums
+
+
+def _power(x: np.ndarray, exponent: float) -> np.ndarray:
+    """`x ** exponent` as a new array; small integer exponents by repeated products, like torch's `pow`."""
+    if float(exponent).is_integer() and 1 <= exponent <= 4:
+        out = x.copy()
+        for _ in range(int(exponent) - 1):
+            out *= x
+        return out
+    return np.power(x, exponent)
+
+
+def _parallel(task: Callable[[int], None], count: int) -> None:
+    """`task(0)`, …, `task(count - 1)` on up to `torch.get_num_threads()` threads, this one included.
+
+    Threads take the next index when done (blocks cost unequal time on a busy machine). The threads
+    are started per call (tens of microseconds), so nothing is left behind to break after a fork.
+    The first exception is re-raised here.
+    """
+    workers = max(1, min(torch.get_num_threads(), count))
+    tickets = iter(range(count))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                t = next(tickets, None)
+            if t is None:
+                return
+            try:
+                task(t)
+            except BaseException as error:  # re-raised in the calling thread
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+    for thread in threads:
+        thread.start()
+    work()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _inv_sqrt_degree(degree: torch.Tensor) -> torch.Tensor:
@@ -248,4 +454,13 @@ def propagate_patches(
             sigma=sigma,
             pix_dist_pow=pix_dist_pow,
         )
-    return block_cg(lambda p: torch.add(p, graph.matmul(p), alpha=-alpha), y.contiguous(), tol=tol, maxiter=maxiter)
+    if device.type != "cpu":
+        return block_cg(lambda p: torch.add(p, graph.matmul(p), alpha=-alpha), y.contiguous(), tol=tol, maxiter=maxiter)
+
+    def apply(p: np.ndarray) -> np.ndarray:  # (I - alpha Wn) p
+        ap = graph.matmul(torch.from_numpy(p)).numpy()
+        ap *= -alpha
+        ap += p
+        return ap
+
+    return torch.from_numpy(block_cg_numpy(apply, np.ascontiguousarray(y.detach().numpy()), tol=tol, maxiter=maxiter))
