@@ -285,6 +285,29 @@ def test_cpu_gram_is_exactly_symmetric(monkeypatch):
         assert (out.double() - exact).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-14) * exact.abs().max()
 
 
+def test_patch_lp_inside_then_outside_inference_mode(monkeypatch):
+    """The similarity buffer kept between calls, first made under inference_mode, takes torch writes later."""
+    import threading
+
+    import ovseg_lposs.patch_lp as patch_lp
+
+    monkeypatch.setattr(patch_lp, "_cache", threading.local())  # no buffer from an earlier test
+    n = 80
+    x = clustered(n, 12, 4, seed=5).float()
+    g = torch.Generator().manual_seed(6)
+    c = torch.randint(0, 200, (n, 2), generator=g).float()
+    y = torch.rand(n, 3, generator=g) * 0.6 - 0.2
+    ref = patch_reference(y.numpy(), x.numpy(), c.numpy(), k=15)
+    with torch.inference_mode():
+        inside = propagate_patches(y, x, c, k=15)
+    outside = propagate_patches(y, x, c, k=15)
+    assert rel_err(inside, ref) < 1e-5 and rel_err(outside, ref) < 1e-5
+    buffer = patch_lp._similarity_buffer(n, torch.float32, torch.device("cpu"))  # the one kept from the first call
+    assert buffer.data_ptr() == getattr(patch_lp._cache, "buffer").data_ptr()
+    torch.mm(x, x.T, out=buffer)  # the torch Gram path's write, outside inference mode
+    assert torch.allclose(buffer, x @ x.T)
+
+
 def test_parallel_runs_every_task_once_and_reraises():
     import ovseg_lposs.patch_lp as patch_lp
 

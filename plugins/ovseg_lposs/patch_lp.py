@@ -185,14 +185,17 @@ def _similarity_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torc
     On CPU a fresh 35 MB matrix (N = 2940) comes from `mmap`, and its first touch page-faults for
     about a third of the GEMM's time. Images are refined one after another, so keeping the last
     buffer (at most `SIMILARITY_CACHE_BYTES`) removes that. CUDA's caching allocator already does it,
-    so only CPU buffers are kept.
+    so only CPU buffers are kept. The kept buffer is always a normal tensor, never an inference tensor
+    (allocated with inference mode off): a buffer first made under `torch.inference_mode()` must still
+    take in-place writes in a later call outside it.
     """
     if device.type != "cpu":
         return torch.empty((n, n), dtype=dtype, device=device)
     last = getattr(_cache, "buffer", None)
     if last is not None and last.dtype == dtype and last.device == device and last.numel() >= n * n:
         return last.view(-1)[: n * n].view(n, n)
-    buffer = torch.empty((n, n), dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        buffer = torch.empty((n, n), dtype=dtype, device=device)
     _cache.buffer = buffer if buffer.numel() * buffer.element_size() <= SIMILARITY_CACHE_BYTES else None
     return buffer
 
