@@ -1,6 +1,6 @@
 """Time LPOSS patch LP and LPOSS+ pixel LP against a straightforward scipy implementation of the same math.
 
-The case is the ADE20k-like image of reference/lposs.md §13: 448×597, windows 224 / stride 112
+The case is an ADE20k-like image (ADE20K's images resized to a short side of 448): 448×597, windows 224 / stride 112
 (15 windows, N = 2940 patches), D = 768, k = 400, r = 13 (radius 6), 150 classes, synthetic seeded
 inputs (clustered unit features, a Voronoi colour image with noise, scores uniform in [-0.2, 0.4]).
 

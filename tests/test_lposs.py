@@ -1,8 +1,9 @@
 """LPOSS / LPOSS+ solvers and refiners against independent scipy computations of the reference math.
 
-The references below are written from the formulas (lposs.md §4-§7), not from the package: a dense
-numpy kNN graph or an explicit list of pixel edges, scipy sparse matrices and one
-`scipy.sparse.linalg.cg` per class with x0 = 0, rtol = tol, atol = 0 and maxiter = 10.
+The references below are written from the formulas of the authors' code (vladan-stojnic/LPOSS e489a74,
+`segmentation/evaluation/lposs_eval.py`: `get_lposs_laplacian`, `perform_lp`, `get_lposs_plus_laplacian`),
+not from the package: a dense numpy kNN graph or an explicit list of pixel edges, scipy sparse matrices
+and one `scipy.sparse.linalg.cg` per class with x0 = 0, rtol = tol, atol = 0 and maxiter = 10.
 """
 
 import math

@@ -120,7 +120,7 @@ def _union_from_mask(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     one = torch.ones((), dtype=torch.int8, device=sims.device).expand(n, k)
     count.scatter_add_(1, idx, one)
     count.T.scatter_add_(1, idx, one)
-    count.diagonal().zero_()  # the self-loops the kNN lists contain are dropped (reference §4.6)
+    count.diagonal().zero_()  # the self-loops the kNN lists contain are dropped (as `get_lposs_laplacian`)
     flat = count.view(-1).nonzero().squeeze(1)
     return flat, sims.view(-1).index_select(0, flat), count.view(-1).index_select(0, flat).to(sims.dtype)
 
@@ -228,7 +228,8 @@ def patch_graph(
     sigma: float = 0.01,
     pix_dist_pow: float = 1.0,
 ) -> PatchGraph:
-    """The normalised LPOSS patch graph (reference `get_lposs_laplacian`, lposs.md §4).
+    """The normalised LPOSS patch graph (`get_lposs_laplacian` in vladan-stojnic/LPOSS e489a74,
+    `segmentation/evaluation/lposs_eval.py`).
 
     `W_ij = max(<x_i, x_j>, 0)^gamma · exp(-sigma·‖c_i - c_j‖^pix_dist_pow)` for j among the k
     nearest neighbours of i (itself included; the diagonal is dropped after symmetrising). In
@@ -316,7 +317,7 @@ def _cpu_graph(
             return
         count = own.view(np.int8)
         count += (block >= kth).view(np.int8)
-        count[np.arange(b - a), np.arange(a, b)] = 0  # the self-loops the lists contain are dropped (§4.6)
+        count[np.arange(b - a), np.arange(a, b)] = 0  # the self-loops the lists contain are dropped (as above)
         flat = np.flatnonzero(count.view(bool))  # numpy's fast path is for bool (5x the int8 one)
         local = np.searchsorted(flat, np.arange(0, (b - a + 1) * n, n))  # CSR offsets of the block's rows
         per_row = np.diff(local)
