@@ -16,10 +16,16 @@ import shlex
 import time
 
 TINY_CLIP = "predictor.model=ovseg-tiny-vit predictor.pretrained=random predictor.templates=single"
+TINY_DINO = ("predictor.vfm.model=vit_base_patch8_224 predictor.vfm.pretrained=random "
+             "'predictor.vfm.model_kwargs={embed_dim: 64, depth: 2, num_heads: 2}'")
 DEFAULT_METHODS = [
     "tiny",  # maskclip + DINO + LPOSS+ (tiny random models)
     f"sclip {TINY_CLIP}",  # logit_scale path: softmax over names
     f"naclip {TINY_CLIP}",  # PAMR at the original size
+    f"proxyclip {TINY_CLIP} {TINY_DINO}",  # VFM-guided last block
+    f"cass {TINY_CLIP} {TINY_DINO}",  # VFM-guided, fp16 graph, whole-image term
+    "scclip predictor.model=ovseg-tiny-vit-12 predictor.pretrained=random predictor.templates=single",  # 12-layer indices
+    "resclip predictor.model=ovseg-tiny-vit-12 predictor.pretrained=random predictor.templates=single",
 ]
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
