@@ -1,4 +1,4 @@
-"""The `ovseg` command line: bench, predict, list, download, data check, compare."""
+"""The `ovseg` command line: bench, predict, rank-templates, list, download, data check, compare."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from ovseg.errors import OvsegError
 
 from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
+from .rank_templates import add_parser as add_rank_templates_parser, cmd_rank_templates
 
 EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--suite", required=True)
     c.add_argument("--data-root", type=Path)
     c.add_argument("--deep", action="store_true", help="validate every file, not a sample")
+
+    add_rank_templates_parser(sub)
 
     cmp = sub.add_parser("compare", help="side-by-side table and bar chart of finished runs")
     cmp.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -197,7 +200,7 @@ def cmd_predict(args) -> int:
 
 
 COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cmd_download, "compare": cmd_compare,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "rank-templates": cmd_rank_templates}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,15 +102,20 @@ class ClipDensePredictor(VLMPredictor):
     # -- text -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_names(self, names: Sequence[str]) -> torch.Tensor:
-        """(len(names), E) float32: per name, normalise each template embedding, mean, normalise."""
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), E) float32: the unit text embedding of each prompt (the one text-tower path)."""
         device = next(self.clip.parameters()).device
-        prompts = [t(name) for name in names for t in self.templates]
         chunks = []
         for i in range(0, len(prompts), self.text_batch_size):
-            tokens = self.tokenizer(prompts[i : i + self.text_batch_size]).to(device)
+            tokens = self.tokenizer(list(prompts[i : i + self.text_batch_size])).to(device)
             chunks.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
-        emb = torch.cat(chunks).view(len(names), len(self.templates), -1).mean(dim=1)
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        """(len(names), E) float32: per name, normalise each template embedding, mean, normalise."""
+        prompts = [t(name) for name in names for t in self.templates]
+        emb = self.encode_prompts(prompts).view(len(names), len(self.templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:
