@@ -222,3 +222,26 @@ def test_ddp_sync_equals_single_process(pairs, tmp_path):
         assert torch.equal(got["iou"].isnan(), single_iou.isnan())
         torch.testing.assert_close(got["iou"], single_iou, equal_nan=True, rtol=0, atol=0)
         torch.testing.assert_close(got["biou"], single_biou, equal_nan=True, rtol=0, atol=0)
+
+
+def test_functional_twins_equal_the_metrics_and_their_examples_run():
+    """`mean_iou` / `boundary_iou` on a batch equal the metrics fed image by image; the docstring examples hold."""
+    import doctest
+
+    import ovseg.evaluation.metrics as metrics
+    from ovseg.evaluation.metrics import boundary_iou, mean_iou
+
+    g = torch.Generator().manual_seed(5)
+    preds = torch.randint(0, 4, (3, 30, 40), generator=g)
+    target = torch.randint(0, 4, (3, 30, 40), generator=g)
+    target[:, :5] = 255
+    iou, biou = IoU(4), BoundaryIoU(4)
+    for p, t in zip(preds, target):
+        iou.update(p, t)
+        biou.update(p, t)
+    for functional, metric in ((mean_iou(preds, target, 4), iou.compute()), (boundary_iou(preds, target, 4), biou.compute())):
+        torch.testing.assert_close(functional["per_class"], metric["per_class"], equal_nan=True)
+    with pytest.raises(ValueError, match="outside"):
+        mean_iou(preds, target + 10, 4)
+    result = doctest.testmod(metrics, verbose=False)
+    assert result.attempted >= 3 and result.failed == 0

@@ -132,6 +132,9 @@ def test_predict_with_tiny_random_models(tmp_path, capsys):
                     "--output", out, "--save-scores") == 0
     _check_outputs(out, "x", (48, 64), 3, scores=True)
     assert "random weights" in capsys.readouterr().out
+    # the picture says so too: a red banner above the overlay
+    top = np.asarray(Image.open(out / "x_overlay.png").convert("RGB"))[0]
+    assert (top[:, 0] > 150).mean() > 0.5 and (top[:, 1] < 60).mean() > 0.5
 
 
 def test_image_modes_are_converted_to_rgb(tmp_path, colour_method):

@@ -40,8 +40,14 @@ def write_run(root: Path, datasets: list[dict], *, suite="standard8", method="lp
     run = root
     (run / "datasets").mkdir(parents=True, exist_ok=True)
     names = order if order is not None else [d["dataset"] for d in datasets]
-    if config:
-        doc = {"method": {"name": method}, "suite": {"name": suite, "datasets": names},
+    if config:  # with the suite entries `ovseg bench` stores (from the shipped suite file when there is one)
+        shipped = SUITES / f"{suite}.yaml"
+        known = {d["name"]: d for d in yaml.safe_load(shipped.read_text())["datasets"]} if shipped.is_file() else {}
+        given = {d["dataset"]: d for d in datasets}
+        entries = [{"name": n, "title": known.get(n, given.get(n, {})).get("title") or n,
+                    "domain": known.get(n, given.get(n, {})).get("domain"),
+                    "group": known.get(n, given.get(n, {})).get("group")} for n in names]
+        doc = {"method": {"name": method}, "suite": {"name": suite, "datasets": names, "entries": entries},
                "random_weights": random_weights, "limit": limit}
         (run / "config.yaml").write_text(yaml.safe_dump(doc))
     for d in datasets:
@@ -190,7 +196,7 @@ def test_comparison_table_is_method_by_dataset(tmp_path):
         "PASCAL VOC 2012 (21)", "PASCAL VOC 2012 (20, no background)"]  # titles from the suite YAML
     assert rows[0][:6] == ["lposs_plus", "lposs_plus", "standard8", False, 60.0, 80.0]
     assert rows[1][:6] == ["sclip", "sclip", "standard8", False, 50.0, None]
-    assert rows[1][-1] == "1/1" and len(rows[0]) == len(columns)
+    assert rows[1][columns.index("entries")] == "1/1" and len(rows[0]) == len(columns)
 
 
 def test_compare_runs_writes_tables_and_chart(tmp_path):

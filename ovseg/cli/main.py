@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from ovseg.errors import OvsegError
+from ovseg.evaluation.interrupt import Interrupted, launched_by_parent, stop_on_signals
 
 from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
 from .rank_templates import add_parser as add_rank_templates_parser, cmd_rank_templates
@@ -28,14 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP (torchrun / SLURM)")
     b.add_argument("--data-root", type=Path, help="folder holding prepared datasets (env OVSEG_DATA_ROOT)")
     b.add_argument("--output", type=Path, help="run folder (default: runs/<suite>/<method>-<config hash>)")
-    b.add_argument("--num-workers", type=int, default=0, help="data loading workers per process")
-    b.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
+    b.add_argument("--num-workers", type=int, default=0, help="data loading workers per process (>= 0)")
+    b.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset (N >= 1)")
     b.add_argument("--datasets", help="comma-separated subset of the suite's datasets")
-    b.add_argument("--strict", action="store_true", help="fail on a missing dataset instead of skipping it")
+    b.add_argument("--strict", action="store_true",
+                   help="stop at the first dataset that is missing or fails, instead of recording it and going on")
     b.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (offline without credentials)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     b.add_argument("--save-examples", type=int, default=0, metavar="N",
-                   help="write prediction | ground-truth overlays of the first N images per dataset")
+                   help="write image | prediction | ground-truth pictures of the first N images per dataset "
+                        "(also for datasets a resumed run skips)")
 
     p = sub.add_parser("predict", help="segment your own images with free-text class names", epilog=EPILOG)
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
@@ -68,19 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from omegaconf import OmegaConf
+    """SIGINT / SIGTERM stop the bench (`Interrupted`); an error raised while it stops is part of the stop."""
+    with stop_on_signals(lambda signum: interrupted_message("bench", signum)) as stopper:
+        try:
+            return _bench(args)
+        except Exception as exc:
+            if stopper.signum is None:
+                raise
+            raise Interrupted(stopper.signum) from exc
 
+
+def _bench(args) -> int:
     from ovseg.evaluation.bench import BenchOptions, run_bench
 
-    cfg, protocol_overrides = method_from_args(args)
-    suite_name = Path(args.suite).stem if args.suite.endswith((".yaml", ".yml")) else args.suite
-    output = args.output
-    if output is None:
-        ident = json.dumps([OmegaConf.to_container(cfg, resolve=True), protocol_overrides, args.limit, args.precision],
-                           sort_keys=True, default=str)
-        output = Path("runs") / suite_name / f"{cfg.name}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
     opts = BenchOptions(
-        output=output,
+        output=args.output,
         data_root=args.data_root,
         accelerator=args.accelerator,
         devices=devices_arg(args.devices),
@@ -90,28 +94,39 @@ def cmd_bench(args) -> int:
         limit=args.limit,
         strict=args.strict,
         only=[s.strip() for s in args.datasets.split(",")] if args.datasets else None,
-        protocol_overrides=protocol_overrides,
         wandb_project=args.wandb,
         progress=not args.no_progress,
         save_examples=args.save_examples,
     )
+    opts.check()  # before the method config is even read
+    cfg, opts.protocol_overrides = method_from_args(args)
     run = run_bench(args.suite, cfg, opts)
-    if run is not None:
-        finish_bench(run)
-    return 0
+    return finish_bench(run) if run is not None else 0
 
 
-def finish_bench(run) -> None:
-    """Rank 0 after a bench: summary files, the W&B comparison table, and the summary on screen."""
-    from ovseg.report import comparison_table, summary_markdown, write_summary
+def finish_bench(run) -> int:
+    """Rank 0 after a bench: summary files, the W&B tables, the summary on screen, and the exit status:
+    1 when a dataset failed, none was evaluated, or `--strict` stopped the bench; else 0."""
+    from ovseg.report import comparison_table, results_table, summary_markdown, write_summary
 
     summary = write_summary(run.run_dir)
     if run.logger is not None:
         columns, rows = comparison_table([summary])
         run.logger.log_table(key="comparison", columns=columns, data=rows)
-        run.logger.finalize("success")
+        columns, rows = results_table(summary)
+        run.logger.log_table(key="results", columns=columns, data=rows)
+        run.logger.experiment.finish()
     print(f"summary: {run.run_dir / 'summary.md'}")
     print(summary_markdown(summary))
+    records = {r.name: r for e in summary.entries for r in (e.members or [e])}
+    asked = [records[n] for n in run.datasets if n in records]
+    failed = [r for r in asked if r.status == "failed"]
+    for r in failed:
+        print(f"ovseg: {r.name} failed: {r.reason}", file=sys.stderr)
+    if not any(r.done for r in asked):
+        print(f"ovseg: no dataset was evaluated (see {run.run_dir / 'summary.md'})", file=sys.stderr)
+        return 1
+    return 1 if failed or run.stopped_at else 0
 
 
 def cmd_list(args) -> int:
@@ -189,7 +204,7 @@ def cmd_compare(args) -> int:
         logger = make_wandb_logger(args.wandb, args.output, {"runs": [str(r) for r in args.runs]})
         columns, rows = comparison_table([summarize(load_run(r)) for r in args.runs])
         logger.log_table(key="comparison", columns=columns, data=rows)
-        logger.finalize("success")
+        logger.experiment.finish()
     return 0
 
 
@@ -199,8 +214,10 @@ def cmd_predict(args) -> int:
     return run_predict(args)
 
 
-COMMANDS = {"bench": cmd_bench, "list": cmd_list, "env": cmd_env, "download": cmd_download, "compare": cmd_compare,
-            "predict": cmd_predict, "rank-templates": cmd_rank_templates}
+#: subcommand -> function(args) -> exit status; a new subcommand adds its parser in `build_parser` and a line here
+COMMANDS = {"bench": cmd_bench, "predict": cmd_predict, "list": cmd_list, "env": cmd_env, "download": cmd_download,
+            "data": cmd_data_check, "compare": cmd_compare,
+            "rank-templates": cmd_rank_templates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,17 +233,32 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (already printed) and --help: a return code, like other errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        if args.command == "data":
-            return cmd_data_check(args)
         return COMMANDS[args.command](args)
     except OvsegError as exc:
         print(f"ovseg: error: {exc}", file=sys.stderr)
         if os.environ.get("OVSEG_DEBUG"):
             raise
         return 2
-    except KeyboardInterrupt:
-        hint = "; finished datasets are kept and a rerun with the same --output resumes" if args.command == "bench" else ""
-        print(f"ovseg: interrupted{hint}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        code = stop.exit_code
+        if launched_by_parent():
+            code = 0  # a process of a multi-process run: the launching process reports and sets the status
+        else:
+            print(interrupted_message(args.command, stop.signum, getattr(exc, "run_dir", None)), file=sys.stderr)
+        if argv is None:  # run as a program: exit now, not after the interpreter's slow teardown of torch
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+
+def interrupted_message(command: str, signum: int, run_dir=None) -> str:
+    """The one line an interrupted command prints."""
+    text = f"ovseg: interrupted by {signal.Signals(signum).name}"
+    if command == "bench":
+        where = f" in {run_dir}" if run_dir is not None else ""
+        text += f"; finished datasets are kept{where}, and rerunning the same command resumes"
+    return text
 
 

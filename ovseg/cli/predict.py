@@ -21,7 +21,7 @@ import numpy as np
 from ovseg.api import IMAGE_SUFFIXES, from_config, load_image
 from ovseg.runtime import check_precision, resolve_device
 from ovseg.errors import ConfigError, DatasetError
-from ovseg.visualize import label_png, overlay
+from ovseg.visualize import RANDOM_WEIGHTS_BANNER, label_png, overlay
 from ovseg.pipeline.vocabulary import Vocabulary
 
 
@@ -118,11 +118,13 @@ def write_classes(vocabulary: Vocabulary, output: Path) -> Path:
     return path
 
 
-def write_prediction(output: Path, stem: str, image: np.ndarray, result, save_scores: bool) -> None:
-    """Label PNG, overlay PNG and optionally the score array of one image."""
+def write_prediction(output: Path, stem: str, image: np.ndarray, result, save_scores: bool,
+                     banner: str | None = None) -> None:
+    """Label PNG, overlay PNG (with `banner` on top, e.g. the random-weights warning) and optionally the
+    score array of one image."""
     labels = result.labels.detach().cpu()
     label_png(labels).save(output / f"{stem}_labels.png")
-    overlay(image, labels, result.vocabulary.display_names).save(output / f"{stem}_overlay.png")
+    overlay(image, labels, result.vocabulary.display_names, banner=banner).save(output / f"{stem}_overlay.png")
     if save_scores:
         np.save(output / f"{stem}_scores.npy", result.scores.detach().float().cpu().numpy().astype(np.float32))
 
@@ -168,7 +170,8 @@ def run_predict(args, log=print, err=None) -> int:
                 continue
             try:
                 result = segmenter.segment(image)
-                write_prediction(output, stem, image, result, args.save_scores)
+                write_prediction(output, stem, image, result, args.save_scores,
+                                 RANDOM_WEIGHTS_BANNER if segmenter.random_weights else None)
             except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory on one huge image
                 failures.append(Failure(path, f"failed ({type(exc).__name__}: {exc})"))
                 tqdm.write(f"ovseg predict: {failures[-1]}", file=sys.stderr)

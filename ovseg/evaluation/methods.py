@@ -166,7 +166,7 @@ def dataset_protocol(
             merged.update(OmegaConf.to_container(OmegaConf.from_dotlist(final), resolve=True)["protocol"])
         except CONFIG_ERRORS as exc:
             raise ConfigError(f"cannot apply protocol overrides {final}: {exc}") from exc
-    where = f"method {cfg.name}" + (f", dataset {dataset}" if dataset else "")
+    where = f"method {cfg.name}" + (f", dataset {dataset}" if dataset else "") + ": protocol"
     return Protocol.from_dict(merged, where=where)
 
 

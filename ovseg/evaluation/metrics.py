@@ -8,6 +8,10 @@ truth over the whole dataset is NaN and left out of the mean (nanmean).
 Why not torchmetrics' own classes: `segmentation.MeanIoU` averages per image and has no
 `ignore_index`; `MulticlassJaccardIndex` silently miscounts predictions >= C and builds a
 (pixels x C^2) mesh in deterministic mode; torchmetrics has no Boundary IoU.
+
+Each metric has a functional twin for one image or a batch (`mean_iou`, `boundary_iou`), sharing
+its counting helpers (`_iou_counts`, `_boundary_counts`), as torchmetrics pairs its classes with
+functions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["IoU", "BoundaryIoU"]
+__all__ = ["IoU", "BoundaryIoU", "mean_iou", "boundary_iou"]
 
 
 def _check_inputs(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, Tensor]:
@@ -57,11 +61,48 @@ def _fractions(inter: Tensor, union: Tensor) -> dict[str, Tensor]:
     return {"mean": torch.nanmean(per_class), "per_class": per_class}
 
 
+def _iou_counts(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class (intersection, predicted area, target area) of validated (B, H, W) maps."""
+    C = num_classes
+    if ignore_index is not None:
+        valid = target != ignore_index
+        preds, target = preds[valid], target[valid]
+        # ignored predictions go to an extra column C: they add to the target's area only
+        preds = torch.where(preds == ignore_index, C, preds)
+    # one bincount of a (C, C+1) confusion matrix; never a pixels x C^2 tensor
+    confmat = _bincount(target.reshape(-1) * (C + 1) + preds.reshape(-1), minlength=C * (C + 1)).reshape(C, C + 1)
+    return confmat.diagonal(), confmat[:, :C].sum(0), confmat.sum(1)
+
+
+def mean_iou(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = 255) -> dict[str, Tensor]:
+    """IoU of (H, W) or (B, H, W) label maps, the batch summed as one dataset (see `IoU`).
+
+    Example:
+        >>> import torch
+        >>> pred = torch.tensor([[0, 0, 1], [1, 1, 255]])
+        >>> gt = torch.tensor([[0, 1, 1], [1, 1, 255]])
+        >>> r = mean_iou(pred, gt, num_classes=2)
+        >>> [round(v, 3) for v in r["per_class"].tolist()], round(float(r["mean"]), 3)
+        ([0.5, 0.75], 0.625)
+    """
+    preds, target = _check_inputs(preds, target, num_classes, ignore_index)
+    inter, area_pred, area_target = _iou_counts(preds, target, num_classes, ignore_index)
+    return _fractions(inter, area_pred + area_target - inter)
+
+
 class IoU(Metric):
     """Per-class IoU summed over the whole dataset (mmseg `intersect_and_union` + `mean_iou`).
 
     Pixels whose target is `ignore_index` are dropped. A prediction equal to `ignore_index`
     ("no prediction") counts in the target's area only, as mmseg's histogram drops it.
+
+    Example:
+        >>> import torch
+        >>> metric = IoU(num_classes=2)
+        >>> metric.update(torch.tensor([[0, 0, 1]]), torch.tensor([[0, 1, 1]]))
+        >>> metric.update(torch.tensor([[1, 1, 255]]), torch.tensor([[1, 1, 255]]))
+        >>> round(float(metric.compute()["mean"]), 3)
+        0.625
     """
 
     is_differentiable = False
@@ -79,18 +120,10 @@ class IoU(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         preds, target = _check_inputs(preds, target, self.num_classes, self.ignore_index)
-        C = self.num_classes
-        if self.ignore_index is not None:
-            valid = target != self.ignore_index
-            preds, target = preds[valid], target[valid]
-            # ignored predictions go to an extra column C: they add to the target's area only
-            preds = torch.where(preds == self.ignore_index, C, preds)
-        # one bincount of a (C, C+1) confusion matrix; never a pixels x C^2 tensor
-        confmat = _bincount(target.reshape(-1) * (C + 1) + preds.reshape(-1), minlength=C * (C + 1))
-        confmat = confmat.reshape(C, C + 1)
-        self.intersection += confmat.diagonal()
-        self.area_pred += confmat[:, :C].sum(0)
-        self.area_target += confmat.sum(1)
+        inter, area_pred, area_target = _iou_counts(preds, target, self.num_classes, self.ignore_index)
+        self.intersection += inter
+        self.area_pred += area_pred
+        self.area_target += area_target
 
     def compute(self) -> dict[str, Tensor]:
         return _fractions(self.intersection, self.area_pred + self.area_target - self.intersection)
@@ -130,6 +163,47 @@ def _boundaries(masks: Tensor, d: int) -> Tensor:
     return masks & near_bg
 
 
+def _boundary_counts(
+    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None, dilation_ratio: float, max_elements: int
+) -> tuple[Tensor, Tensor]:
+    """Per-class boundary (intersection, union) of validated (B, H, W) maps, image by image."""
+    inter = torch.zeros(num_classes, dtype=torch.long, device=target.device)
+    union = torch.zeros_like(inter)
+    for pred, gt in zip(preds, target):
+        H, W = gt.shape
+        d = boundary_width(H, W, dilation_ratio)
+        if ignore_index is not None:
+            pred = torch.where(gt == ignore_index, ignore_index, pred)
+        present = torch.unique(torch.cat([gt.unique(), pred.unique()]))
+        present = present[(present >= 0) & (present < num_classes)]
+        # each class needs two masks (gt, pred) of the padded size, plus temporaries
+        chunk = max(1, max_elements // (2 * (H + 2 * d) * (W + 2 * d)))
+        for classes in present.split(chunk):
+            masks = torch.cat([gt.unsqueeze(0) == classes[:, None, None], pred.unsqueeze(0) == classes[:, None, None]])
+            b = _boundaries(masks, d)
+            bg, bp = b[: len(classes)], b[len(classes) :]
+            # `classes` are unique, so plain indexed adds are deterministic on every device
+            inter[classes] += (bg & bp).sum((1, 2))
+            union[classes] += (bg | bp).sum((1, 2))
+    return inter, union
+
+
+def boundary_iou(
+    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = 255, dilation_ratio: float = 0.02
+) -> dict[str, Tensor]:
+    """Boundary IoU of (H, W) or (B, H, W) label maps, the batch summed as one dataset (see `BoundaryIoU`).
+
+    Example:
+        >>> import torch
+        >>> gt = torch.zeros(8, 8, dtype=torch.long); gt[:, 4:] = 1
+        >>> r = boundary_iou(gt.clone(), gt, num_classes=2)
+        >>> r["per_class"].tolist()
+        [1.0, 1.0]
+    """
+    preds, target = _check_inputs(preds, target, num_classes, ignore_index)
+    return _fractions(*_boundary_counts(preds, target, num_classes, ignore_index, float(dilation_ratio), 2**26))
+
+
 class BoundaryIoU(Metric):
     """Boundary IoU per class summed over the dataset, as LPOSS computes it.
 
@@ -165,26 +239,10 @@ class BoundaryIoU(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         preds, target = _check_inputs(preds, target, self.num_classes, self.ignore_index)
-        for pred, gt in zip(preds, target):
-            self._update_image(pred, gt)
-
-    def _update_image(self, pred: Tensor, gt: Tensor) -> None:
-        H, W = gt.shape
-        d = boundary_width(H, W, self.dilation_ratio)
-        if self.ignore_index is not None:
-            pred = torch.where(gt == self.ignore_index, self.ignore_index, pred)
-        present = torch.unique(torch.cat([gt.unique(), pred.unique()]))
-        present = present[(present >= 0) & (present < self.num_classes)]
-        # each class needs two masks (gt, pred) of the padded size, plus temporaries
-        per_class = 2 * (H + 2 * d) * (W + 2 * d)
-        chunk = max(1, self.max_elements // per_class)
-        for classes in present.split(chunk):
-            masks = torch.cat([gt.unsqueeze(0) == classes[:, None, None], pred.unsqueeze(0) == classes[:, None, None]])
-            b = _boundaries(masks, d)
-            bg, bp = b[: len(classes)], b[len(classes) :]
-            # `classes` are unique, so plain indexed adds are deterministic on every device
-            self.intersection[classes] += (bg & bp).sum((1, 2))
-            self.union[classes] += (bg | bp).sum((1, 2))
+        inter, union = _boundary_counts(preds, target, self.num_classes, self.ignore_index, self.dilation_ratio,
+                                        self.max_elements)
+        self.intersection += inter
+        self.union += union
 
     def compute(self) -> dict[str, Tensor]:
         return _fractions(self.intersection, self.union)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ovseg.errors import PluginError
+from ovseg.errors import ConfigError, PluginError
 from ovseg import registry
+
+from .options import unknown_options
 
 __all__ = ["build_predictor", "build_extractor", "build_refiner"]
 
@@ -17,9 +19,17 @@ def _build(kind: str, base: type, name: str, cfg: dict[str, Any]):
         raise PluginError(
             f"{kind} plugin {name!r} resolves to {cls!r}, which is not a subclass of ovseg.stages.{base.__name__}"
         )
+    signature = inspect.signature(cls)
     try:
-        inspect.signature(cls).bind(**cfg)
+        signature.bind(**cfg)
     except TypeError as exc:
+        params = signature.parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):  # name only the keys it lacks, with a close match
+            known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            try:
+                unknown_options(cfg, known, f"{kind} {name!r}")
+            except ConfigError as unknown:
+                raise PluginError(str(unknown)) from exc
         raise PluginError(f"{kind} {name!r} does not accept the options {sorted(cfg)}: {exc}") from exc
     try:
         return cls(**cfg)

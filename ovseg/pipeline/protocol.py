@@ -53,7 +53,7 @@ class Protocol:
             crop = options.pair(self.crop, f"{where}.crop")
             if stride[0] > crop[0] or stride[1] > crop[1]:
                 raise ConfigError(
-                    f"{where}.stride {self.stride!r} is larger than {where}.crop {self.crop!r}: windows would leave "
+                    f"{where}.stride {self.stride!r} is larger than crop {self.crop!r}: windows would leave "
                     "gaps; use a stride at most the crop"
                 )
         if self.window_batch is not None:

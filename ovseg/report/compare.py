@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ovseg.errors import OvsegError
+from ovseg.evaluation import atomic
+
 from .numbers import fmt, mean_of, pct
 from .results import load_run
 from .summary import Entry, Summary, summarize
@@ -43,14 +45,24 @@ def comparison_table(summaries: Sequence[Summary]) -> tuple[list[str], list[list
     labels = run_labels(summaries)
     entries = _union_entries(summaries)
     columns = ["run", "method", "suite", "random_weights"] + [title for _, title in entries]
-    columns += ["mean mIoU", "mean Boundary IoU", "entries"]
+    columns += ["mean mIoU", "mean Boundary IoU", "entries", "mean total s/image", "max peak RSS (MB)",
+                "max peak GPU (MB)"]
     rows = []
     for label, s in zip(labels, summaries):
         found = _by_name(s)
         values = [pct(found[n].miou) if n in found else None for n, _ in entries]
         rows.append([label, s.method, s.suite, s.random_weights, *values, pct(s.mean.miou), pct(s.mean.biou),
-                     s.mean.entries_text])
+                     s.mean.entries_text, *_run_cost(s)])
     return columns, rows
+
+
+def _run_cost(s: Summary) -> list[float | None]:
+    """A run's cost at a glance: mean total seconds per image over its datasets, and its peak memory."""
+    costs = [r.cost for e in s.entries for r in (e.members or [e]) if r.cost is not None]
+    total = mean_of(c.total_s_per_image for c in costs if c.total_s_per_image is not None)
+    rss = [c.peak_rss_mb for c in costs if c.peak_rss_mb is not None]
+    gpu = [c.peak_gpu_mb for c in costs if c.peak_gpu_mb is not None]
+    return [None if total is None else round(total, 4), max(rss, default=None), max(gpu, default=None)]
 
 
 def _common_mean(summaries: Sequence[Summary], names: Sequence[str]) -> tuple[list[str], list[float | None]]:
@@ -81,9 +93,9 @@ def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path) -> dict
         "csv": output_dir / "comparison.csv",
         "chart": output_dir / "comparison_miou.png",
     }
-    paths["markdown"].write_text(_comparison_markdown(summaries, labels, entries, maps, common, common_means))
+    atomic.write_text(paths["markdown"], _comparison_markdown(summaries, labels, entries, maps, common, common_means))
     _write_comparison_csv(paths["csv"], summaries, labels, entries, maps, common_means)
-    _bar_chart(paths["chart"], summaries, labels, entries, maps, common, common_means)
+    _bar_chart(paths["chart"], summaries)
     return paths
 
 
@@ -164,11 +176,23 @@ def _write_comparison_csv(path, summaries, labels, entries, maps, common_means) 
     write_csv(path, columns, rows)
 
 
-def _bar_chart(path, summaries, labels, entries, maps, common, common_means) -> None:
-    """Grouped bars: one group per entry (+ the common mean), one bar per run; no bar where no result."""
+def _bar_chart(path, summaries: Sequence[Summary]) -> None:
+    fig = bar_figure(summaries)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def bar_figure(summaries: Sequence[Summary]):
+    """Grouped bars: one group per entry (+ the common mean), one bar per run; no bar where no result.
+
+    The legend is built from one swatch per run, so a run without a result for the first entry (whose
+    first bar is hidden) keeps its swatch."""
+    labels, entries, maps = run_labels(summaries), _union_entries(summaries), [_by_name(s) for s in summaries]
+    common, common_means = _common_mean(summaries, [n for n, _ in entries])
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # object API: never touches pyplot's global backend
+    from matplotlib.patches import Patch
 
     titles = [t for _, t in entries]
     values = [[_cell(m.get(n)) for n, _ in entries] for m in maps]
@@ -186,10 +210,10 @@ def _bar_chart(path, summaries, labels, entries, maps, common, common_means) -> 
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(n_groups)
     annotate = n_groups * n_runs <= 40
+    colours = [f"C{i % 10}" for i in range(n_runs)]
     for i, (label, s, row) in enumerate(zip(labels, summaries, values)):
         heights = np.array([np.nan if v is None else v for v in row], dtype=float)
-        legend = f"{label} (random weights)" if s.random_weights else label
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(heights, nan=0.0), width, label=legend)
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(heights, nan=0.0), width, color=colours[i])
         for bar, h in zip(bars, heights):
             if np.isnan(h):  # no result: no bar, and a marker so the gap is not read as 0
                 bar.set_visible(False)
@@ -209,6 +233,8 @@ def _bar_chart(path, summaries, labels, entries, maps, common, common_means) -> 
     top = max([v for row in values for v in row if v is not None] or [1.0])
     ax.set_ylim(0, min(100.0, top * 1.15 + 1))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = [Patch(facecolor=c, label=f"{label} (random weights)" if s.random_weights else label)
+               for c, label, s in zip(colours, labels, summaries)]
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig

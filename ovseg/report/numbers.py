@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Iterable
 
 
 def pct(fraction: float | None) -> float | None:
@@ -18,14 +17,6 @@ def fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return ""
     return f"{value:+.2f}" if signed else f"{value:.2f}"
-
-
-def finite_or_none(value: Any) -> float | None:
-    """A finite float or None (JSON null, NaN, strings and junk all become None)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def mean_of(values: Iterable[float]) -> float | None:

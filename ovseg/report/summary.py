@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ovseg.evaluation.rundir import Cost
+
 from .numbers import mean_of, pct
 from .results import DatasetResult, RunResults
 
@@ -25,6 +27,7 @@ class Entry:
     published_miou: float | None  # percent
     published_source: str | None = None
     members: list[DatasetResult] = field(default_factory=list)
+    cost: Cost | None = None  # a dataset's; a group's members each have theirs
 
     @property
     def done(self) -> bool:
@@ -91,7 +94,7 @@ def _group_entry(group: str, members: list[DatasetResult]) -> Entry:
     not_done = [m for m in members if not m.done]
     if not_done:
         status = "failed" if any(m.status == "failed" for m in not_done) else "missing"
-        parts = [f"{m.name} {m.status}" + (f" ({m.reason})" if m.reason else "") for m in not_done]
+        parts = [f"{m.name} {m.status}" + (f" ({_reason(m)})" if m.reason else "") for m in not_done]
         reason = f"{len(not_done)} of {len(members)} members not done: " + "; ".join(parts)
         miou = biou = None
     else:
@@ -115,6 +118,13 @@ def _group_entry(group: str, members: list[DatasetResult]) -> Entry:
     )
 
 
+def _reason(r: DatasetResult) -> str | None:
+    """The reason, naming the file it is about when the reason does not already."""
+    if r.reason and r.file and r.file not in r.reason:
+        return f"{r.reason} (file: {r.file})"
+    return r.reason
+
+
 def _entries(run: RunResults) -> list[Entry]:
     entries, seen_groups = [], set()
     for name in run.order:
@@ -126,8 +136,8 @@ def _entries(run: RunResults) -> list[Entry]:
             members = [run.datasets[n] for n in run.order if run.datasets[n].group == r.group]
             entries.append(_group_entry(r.group, members))
         else:
-            entries.append(Entry(r.name, r.title, r.domain, r.status, r.reason, r.miou, r.biou, r.num_images,
-                                 r.published_miou, r.published_source))
+            entries.append(Entry(r.name, r.title, r.domain, r.status, _reason(r), r.miou, r.biou, r.num_images,
+                                 r.published_miou, r.published_source, cost=r.cost))
     return entries
 
 

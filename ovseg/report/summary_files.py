@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from ovseg.evaluation import atomic
+from ovseg.evaluation.rundir import COST_FIELDS, Cost
 
 from .numbers import fmt, pct
 from .results import load_run
@@ -84,6 +88,7 @@ def summary_markdown(s: Summary) -> str:
     if not_done:
         lines += ["", "## Not in the means", ""]
         lines += [f"- **{e.title}** (`{e.name}`): {e.status} — {e.reason or 'no reason given'}" for e in not_done]
+    lines += _cost_section(s)
     sources = sorted({e.published_source for e in s.entries if e.published_source})
     if sources:
         lines += ["", "Published numbers: " + "; ".join(sources)]
@@ -92,8 +97,47 @@ def summary_markdown(s: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_COLUMNS = ["data s/image", "model s/image", "refiner s/image", "total s/image", "peak RSS (MB)",
+                "peak GPU (MB)"]
+
+
+def _cost_cells(cost: Cost | None) -> list[float | None]:
+    if cost is None:
+        return [None] * len(COST_FIELDS)
+    return [getattr(cost, k) for k in COST_FIELDS]
+
+
+def results_table(s: Summary) -> tuple[list[str], list[list[Any]]]:
+    """One row per dataset (group members included): status, numbers in percent and cost (a W&B table)."""
+    columns = ["dataset", "title", "status", "images", "mIoU", "Boundary IoU", *COST_COLUMNS]
+    rows = []
+    for e in s.entries:
+        for r in e.members or [e]:
+            rows.append([r.name, r.title, r.status, r.num_images, pct(r.miou), pct(r.biou), *_cost_cells(r.cost)])
+    return columns, rows
+
+
+def _cost_section(s: Summary) -> list[str]:
+    columns, rows = results_table(s)
+    rows = [r for r in rows if any(v is not None for v in r[6:])]
+    if not rows:
+        return []
+
+    def num(v, digits):
+        return "" if v is None else f"{v:.{digits}f}"
+
+    lines = ["", "## Cost", "",
+             "Seconds per image one process spends (summed over processes, divided by the images) and the peak "
+             "memory of the busiest process; GPU is blank when the models ran on the CPU.", "",
+             "| Dataset | Images | " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * (2 + len(COST_COLUMNS))]
+    for r in rows:
+        cells = [num(v, 3) for v in r[6:10]] + [num(v, 0) for v in r[10:]]
+        lines.append(f"| {r[1]} | {'' if r[3] is None else r[3]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 CSV_COLUMNS = ["kind", "dataset", "title", "domain", "group", "status", "num_images", "miou", "biou",
-               "published_miou", "delta_miou", "miou_fraction", "biou_fraction", "entries", "reason"]
+               "published_miou", "delta_miou", "miou_fraction", "biou_fraction", "entries", "reason", *COST_FIELDS]
 
 
 def summary_rows(s: Summary) -> list[dict[str, Any]]:
@@ -103,12 +147,14 @@ def summary_rows(s: Summary) -> list[dict[str, Any]]:
                      "domain": e.domain, "group": e.name if e.is_group else None, "status": e.status,
                      "num_images": e.num_images, "miou": pct(e.miou), "biou": pct(e.biou),
                      "published_miou": e.published_miou, "delta_miou": e.delta, "miou_fraction": e.miou,
-                     "biou_fraction": e.biou, "entries": None, "reason": e.reason})
+                     "biou_fraction": e.biou, "entries": None, "reason": e.reason,
+                     **dict(zip(COST_FIELDS, _cost_cells(e.cost)))})
         for m in e.members:
             rows.append({"kind": "member", "dataset": m.name, "title": m.title, "domain": m.domain, "group": e.name,
                          "status": m.status, "num_images": m.num_images, "miou": pct(m.miou), "biou": pct(m.biou),
                          "published_miou": m.published_miou, "delta_miou": None, "miou_fraction": m.miou,
-                         "biou_fraction": m.biou, "entries": None, "reason": m.reason})
+                         "biou_fraction": m.biou, "entries": None, "reason": m.reason,
+                         **dict(zip(COST_FIELDS, _cost_cells(m.cost)))})
     for d, m in s.domains.items():
         rows.append({"kind": "domain_mean", "dataset": None, "title": d, "domain": d, "miou": pct(m.miou),
                      "biou": pct(m.biou), "miou_fraction": m.miou, "biou_fraction": m.biou,
@@ -124,11 +170,12 @@ def summary_rows(s: Summary) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
+    atomic.write_text(path, out.getvalue())
 
 
 def write_summary(run_dir: str | Path) -> Summary:
@@ -136,5 +183,5 @@ def write_summary(run_dir: str | Path) -> Summary:
     summary = summarize(load_run(run_dir))
     run_dir = Path(run_dir)
     write_csv(run_dir / "summary.csv", CSV_COLUMNS, summary_rows(summary))
-    (run_dir / "summary.md").write_text(summary_markdown(summary))
+    atomic.write_text(run_dir / "summary.md", summary_markdown(summary))
     return summary

@@ -35,6 +35,9 @@ class LastBlock:
     #: positional embeddings for other grids (`ovseg.pipeline.patches.resample_pos_embed`): "size" (MaskCLIP,
     #: bicubic to the exact size) or "dino" (SCLIP, ClearCLIP, NACLIP: bicubic with DINO's +0.1 scale factor)
     pos_interp: Literal["size", "dino"]
+    #: keep the table when the grid has as many patches as it (a 7x28 grid for 14x14): the SCLIP-family code
+    #: resamples only when the token count changes; LPOSS's MaskCLIP resamples whenever the grid changes
+    pos_by_count: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +171,11 @@ def naclip_block(block: nn.Module, x: torch.Tensor, grid: Grid, std: float = 5.0
 
 
 LAST_BLOCKS: dict[str, LastBlock] = {
-    "clip": LastBlock("clip", clip_block, "dino"),
+    "clip": LastBlock("clip", clip_block, "dino", pos_by_count=True),
     "maskclip": LastBlock("maskclip", maskclip_block, "size"),
-    "sclip": LastBlock("sclip", sclip_block, "dino"),
-    "clearclip": LastBlock("clearclip", clearclip_block, "dino"),
-    "naclip": LastBlock("naclip", naclip_block, "dino"),
+    "sclip": LastBlock("sclip", sclip_block, "dino", pos_by_count=True),
+    "clearclip": LastBlock("clearclip", clearclip_block, "dino", pos_by_count=True),
+    "naclip": LastBlock("naclip", naclip_block, "dino", pos_by_count=True),
 }
 
 
@@ -186,29 +189,61 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: torch.Tensor) -> tor
     return block(x.transpose(0, 1)).transpose(0, 1)
 
 
-def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
-    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+def embed(
+    visual: VisionTransformer, x: torch.Tensor, pos_interp: str, *, pos_by_count: bool = False
+) -> tuple[torch.Tensor, Grid]:
+    """Tokens entering block 0 (B, 1 + h*w, D) batch-first, and the patch grid (h, w), of normalised images.
+
+    Patch embedding (the stride-p convolution drops a remainder of x: the `floor` grid), class token,
+    positional embedding resampled to the grid (`resample_pos_embed` mode `pos_interp`), `ln_pre`.
+    `pos_by_count`: keep the table whenever the grid has as many patches as the table (7x28 for 14x14),
+    as the SCLIP-family code decides by token count, not by grid.
+    """
     b = x.shape[0]
     tokens = visual.conv1(x)  # (B, D, h, w)
     grid = tuple(tokens.shape[-2:])
     tokens = tokens.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(b, -1, -1)
-    pos = resample_pos_embed(visual.positional_embedding, tuple(visual.grid_size), grid, last.pos_interp)
+    old = tuple(visual.grid_size)
+    if pos_by_count and grid[0] * grid[1] == old[0] * old[1]:
+        pos = visual.positional_embedding
+    else:
+        pos = resample_pos_embed(visual.positional_embedding, old, grid, pos_interp)
     tokens = torch.cat([cls, tokens], dim=1) + pos.to(tokens.dtype)
     # patch dropout is skipped: it is the identity in eval mode and a dense map needs every patch
-    tokens = visual.ln_pre(tokens)
-    blocks = visual.transformer.resblocks
-    for blk in blocks[:-1]:
+    return visual.ln_pre(tokens), grid
+
+
+def trunk(
+    visual: VisionTransformer, x: torch.Tensor, pos_interp: str, *, pos_by_count: bool = False
+) -> tuple[torch.Tensor, Grid]:
+    """Tokens (B, 1 + h*w, D) that enter the last block, and the grid: `embed`, then blocks 0..L-2 unchanged.
+
+    Shared by every dense method, including the VFM-guided ones (ovseg_vfm) that replace the last block.
+    """
+    tokens, grid = embed(visual, x, pos_interp, pos_by_count=pos_by_count)
+    for blk in visual.transformer.resblocks[:-1]:
         tokens = _run_block(visual.transformer, blk, tokens)
-    if getattr(visual.transformer, "batch_first", True) or last.forward is not clip_block:
-        tokens = last.forward(blocks[-1], tokens, grid)
-    else:
-        tokens = _run_block(visual.transformer, blocks[-1], tokens)
-    feats = visual.ln_post(tokens[:, 1:])
+    return tokens, grid
+
+
+def project(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 features (B, n, E) of final tokens (B, n, D): `ln_post`, `proj`."""
+    feats = visual.ln_post(tokens)
     if visual.proj is not None:
         feats = feats @ visual.proj
-    feats = F.normalize(feats.float(), dim=-1)
-    return feats.view(b, grid[0], grid[1], -1)
+    return F.normalize(feats.float(), dim=-1)
+
+
+def dense_features(visual: VisionTransformer, x: torch.Tensor, last: LastBlock) -> torch.Tensor:
+    """L2-normalised float32 patch features (B, h, w, E) of normalised, padded images x (B, 3, H, W)."""
+    tokens, grid = trunk(visual, x, last.pos_interp, pos_by_count=last.pos_by_count)
+    block = visual.transformer.resblocks[-1]
+    if getattr(visual.transformer, "batch_first", True) or last.forward is not clip_block:
+        tokens = last.forward(block, tokens, grid)
+    else:
+        tokens = _run_block(visual.transformer, block, tokens)
+    return project(visual, tokens[:, 1:]).view(x.shape[0], grid[0], grid[1], -1)
 
 
 def cosine_scores(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

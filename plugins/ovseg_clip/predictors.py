@@ -230,4 +230,4 @@ class NACLIPPredictor(ClipDensePredictor):
 
     def _last_block(self) -> LastBlock:
         base = LAST_BLOCKS["naclip"]
-        return LastBlock(base.name, partial(naclip_block, std=self.gaussian_std), base.pos_interp)
+        return LastBlock(base.name, partial(naclip_block, std=self.gaussian_std), base.pos_interp, base.pos_by_count)

@@ -56,11 +56,17 @@ _EXTRA_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 #: ovseg's own open_clip architectures. `ovseg-tiny-vit` is a 2-layer, width-64 ViT-B/16 look-alike for
-#: smoke tests and `configs/methods/tiny.yaml` (random weights only).
+#: smoke tests and `configs/methods/tiny.yaml` (random weights only); `ovseg-tiny-vit-12` has ViT-B/16's 12
+#: layers, for methods whose defaults index them (SC-CLIP, ResCLIP).
 MODEL_CONFIGS: dict[str, dict] = {
     "ovseg-tiny-vit": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "ovseg-tiny-vit-12": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
 }
@@ -362,6 +368,9 @@ def load_clip(
         except WeightsError as exc:
             if "Fix:" in str(exc):
                 raise
+            if os.path.isfile(pretrained):  # the user's own file: downloading would not help
+                raise WeightsError(f"{exc}. Check or re-copy that file, or pass another `predictor.pretrained`.") from (
+                    exc.__cause__ or exc)
             raise WeightsError(f"{exc}. {_fix_hint()}") from (exc.__cause__ or exc)
     loaded.model = loaded.model.float().eval().requires_grad_(False)
     log.info("CLIP weights: %s", loaded.source)

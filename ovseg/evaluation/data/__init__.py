@@ -6,7 +6,7 @@ with the label conventions applied and validated; errors are `DatasetError`s nam
 """
 
 from .base import MissingDataError, SegmentationDataset
-from .check import DatasetStatus, check_dataset
+from .check import MALFORMED, MISSING, DatasetStatus, check_dataset, problem_kind
 from .conventions import LabelConventions
 from .folder import FolderDataset
 from .hf import HFDataset
@@ -15,4 +15,5 @@ from .sources import DemoSource, FolderSource, HFSource, parse_source, resolve_r
 __all__ = [
     "SegmentationDataset", "FolderDataset", "HFDataset", "LabelConventions", "MissingDataError",
     "FolderSource", "HFSource", "DemoSource", "parse_source", "resolve_root", "check_dataset", "DatasetStatus",
+    "problem_kind", "MISSING", "MALFORMED",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -45,12 +46,25 @@ class SegmentationDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         image, label, name, image_where, label_where = self._load(index % len(self))
-        image = image_tensor(image, image_where)
-        raw = label_array(label, label_where)
-        if tuple(raw.shape) != tuple(image.shape[1:]):
-            raise DatasetError(
-                f"{label_where}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from its image "
-                f"{image_where} ({image.shape[2]}x{image.shape[1]})"
-            )
-        label = torch.from_numpy(self.conventions.convert(raw, label_where))
+        with _names_file(image_where):
+            image = image_tensor(image, image_where)
+        with _names_file(label_where):
+            raw = label_array(label, label_where)
+            if tuple(raw.shape) != tuple(image.shape[1:]):
+                raise DatasetError(
+                    f"{label_where}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from its image "
+                    f"{image_where} ({image.shape[2]}x{image.shape[1]})"
+                )
+            label = torch.from_numpy(self.conventions.convert(raw, label_where))
         return {"image": image, "label": label, "name": name, "path": image_where}
+
+
+@contextlib.contextmanager
+def _names_file(where: str):
+    """Attach the file a DatasetError is about (`exc.file`), for the failed dataset's record."""
+    try:
+        yield
+    except DatasetError as exc:
+        if getattr(exc, "file", None) is None:
+            exc.file = where
+        raise

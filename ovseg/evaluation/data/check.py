@@ -23,6 +23,15 @@ class DatasetStatus:
         return self.status == "found"
 
 
+#: the words `ovseg data check` and `ovseg bench` use for a dataset that cannot be evaluated
+MISSING, MALFORMED = "missing", "malformed"
+
+
+def problem_kind(exc: DatasetError) -> str:
+    """`missing` when the data is not there at all, `malformed` when it is there but unusable."""
+    return MISSING if isinstance(exc, MissingDataError) else MALFORMED
+
+
 def _sample_indices(n: int, k: int) -> list[int]:
     """Up to k indices spread over [0, n), first and last included."""
     if n <= k:
@@ -38,16 +47,14 @@ def check_dataset(spec, data_root=None, deep: bool = False, sample: int = 5) -> 
     """
     try:
         dataset = spec.build(data_root)
-    except MissingDataError as exc:
-        return DatasetStatus(spec.name, "missing", str(exc))
     except DatasetError as exc:
-        return DatasetStatus(spec.name, "malformed", str(exc))
+        return DatasetStatus(spec.name, problem_kind(exc), str(exc))
     n = len(dataset)
     indices = list(range(n)) if deep else _sample_indices(n, sample)
     for i in indices:
         try:
             dataset[i]
         except DatasetError as exc:
-            return DatasetStatus(spec.name, "malformed", str(exc), n, indices.index(i) + 1)
+            return DatasetStatus(spec.name, MALFORMED, str(exc), n, indices.index(i) + 1)
     checked = "all checked" if deep else f"{len(indices)} checked"
     return DatasetStatus(spec.name, "found", f"{n} samples ({checked})", n, len(indices))
