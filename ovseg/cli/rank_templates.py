@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ovseg.errors import ConfigError
 
-from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
+from .arguments import add_device_args, add_method_args, engine_args, method_from_args
 
 EPILOG = ("Overrides: trailing key=value pairs merge into the method config, e.g. predictor.top_n=4 "
           "protocol.crop=448. Datasets already ranked in the --output file are skipped.")
@@ -51,20 +51,7 @@ def cmd_rank_templates(args) -> int:
     if args.method is None:
         raise ConfigError("rank-templates needs --method (floss_naclip or floss_maskclip, or a config of yours)")
     cfg, protocol_overrides = method_from_args(args)
-    opts = RankingOptions(
-        output=args.output,
-        split=args.split,
-        sources=list(args.source),
-        data_root=args.data_root,
-        accelerator=args.accelerator,
-        devices=devices_arg(args.devices),
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-        num_workers=args.num_workers,
-        limit=args.limit,
-        only=[s.strip() for s in args.datasets.split(",")] if args.datasets else None,
-        protocol_overrides=protocol_overrides,
-        progress=not args.no_progress,
-    )
+    opts = RankingOptions(output=args.output, split=args.split, sources=list(args.source),
+                          protocol_overrides=protocol_overrides, **engine_args(args))
     run_ranking(args.suite, cfg, opts)
     return 0

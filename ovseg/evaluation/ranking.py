@@ -17,8 +17,6 @@ DATASET.KEY=VALUE`); see `ovseg.evaluation.data.images`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +34,8 @@ from ovseg.pipeline.protocol import Protocol
 from ovseg.pipeline.ranking import TemplateRanker, TemplateStatistics
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.runtime import autocast, place
+
+from . import atomic
 
 __all__ = ["TemplateEntropy", "RankingModule", "RankingOptions", "run_ranking", "output_path", "source_overrides"]
 
@@ -66,7 +66,7 @@ class TemplateEntropy(Metric):
 
 
 class RankingModule(L.LightningModule):
-    """Adds up one dataset's template statistics (no labels); `results` holds the synced totals."""
+    """Adds up one dataset's template statistics (no labels); `outcome` holds the synced totals."""
 
     def __init__(self, segmenter, vocabulary: Vocabulary, protocol: Protocol, precision: str = "32-true"):
         super().__init__()
@@ -76,7 +76,7 @@ class RankingModule(L.LightningModule):
         self.precision = precision
         ranker = segmenter.predictor
         self.entropy = TemplateEntropy(ranker.num_templates, vocabulary.num_classes)
-        self.results: TemplateStatistics | None = None
+        self.outcome: TemplateStatistics | None = None  # what `engine.evaluate` returns
 
     def on_predict_start(self) -> None:
         # after Lightning moved the model: the run's precision, then the text classifiers in it
@@ -90,7 +90,7 @@ class RankingModule(L.LightningModule):
         return None
 
     def on_predict_epoch_end(self) -> None:
-        self.results = self.entropy.compute()  # a collective under DDP: every rank calls it
+        self.outcome = self.entropy.compute()  # a collective under DDP: every rank calls it
         self.entropy.reset()
 
 
@@ -157,10 +157,7 @@ def _read_previous(path: Path, dataset: str) -> dict | None:
 
 def _write_atomically(path: Path, document: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(document, f, indent=2)
-    os.replace(tmp, path)  # never a half-written file that a rerun would take for a finished one
+    atomic.write_text(path, json.dumps(document, indent=2))  # never a half-written file a rerun would take as done
 
 
 def run_ranking(suite_spec: str, cfg: DictConfig, opts: RankingOptions, log=print) -> list[Path]:
