@@ -98,6 +98,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
         (["--suite", "demo", "--method", "floss_naclip", "--split", "train"], "the demo source"),
         (["--suite", "demo", "--method", "tiny"], "does not rank prompt templates"),
         (["--suite", "demo", "--method", "floss_naclip", "--source", "other.images=x"], "'other' is not one of"),
+        (["--suite", "demo", "--method", "floss_naclip", "--num-workers", "-1"], "--num-workers must be at least 0"),
     ]
     for args, message in cases:
         capsys.readouterr()

@@ -46,12 +46,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def cmd_rank_templates(args) -> int:
     from ovseg.evaluation.ranking import RankingOptions, run_ranking
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    opts = RankingOptions(output=args.output, split=args.split, sources=list(args.source), **engine_args(args))
+    opts.check()  # before the method config is even read
     if args.method is None:
         raise ConfigError("rank-templates needs --method (floss_naclip or floss_maskclip, or a config of yours)")
-    cfg, protocol_overrides = method_from_args(args)
-    opts = RankingOptions(output=args.output, split=args.split, sources=list(args.source),
-                          protocol_overrides=protocol_overrides, **engine_args(args))
+    cfg, opts.protocol_overrides = method_from_args(args)
     run_ranking(args.suite, cfg, opts)
     return 0

@@ -36,6 +36,7 @@ from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.runtime import autocast, place
 
 from . import atomic
+from .bench import EngineOptions
 
 __all__ = ["TemplateEntropy", "RankingModule", "RankingOptions", "run_ranking", "output_path", "source_overrides"]
 
@@ -95,20 +96,10 @@ class RankingModule(L.LightningModule):
 
 
 @dataclass
-class RankingOptions:
-    output: str  # a JSON path; `{dataset}` in it is replaced by each dataset's name
+class RankingOptions(EngineOptions):
+    output: str = ""  # a JSON path; `{dataset}` in it is replaced by each dataset's name
     split: str | None = None
     sources: list[str] = field(default_factory=list)  # [DATASET.]KEY=VALUE
-    data_root: Path | None = None
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    precision: str = "32-true"
-    num_workers: int = 0
-    limit: int | None = None
-    only: list[str] | None = None
-    protocol_overrides: list[str] = field(default_factory=list)
-    progress: bool = True
 
 
 def output_path(template: str, dataset: str, several: bool) -> Path:
@@ -167,13 +158,10 @@ def run_ranking(suite_spec: str, cfg: DictConfig, opts: RankingOptions, log=prin
     from .methods import StageOptions, build_segmenter, dataset_protocol, dataset_vocabulary
     from .suites import load_suite
 
-    suite = load_suite(suite_spec)
-    datasets = suite.datasets
-    if opts.only:
-        unknown = sorted(set(opts.only) - {d.name for d in datasets})
-        if unknown:
-            raise ConfigError(f"--datasets {unknown} not in suite {suite.name} ({', '.join(d.name for d in datasets)})")
-        datasets = [d for d in datasets if d.name in opts.only]
+    if not opts.output:
+        raise ConfigError("--output: rank-templates needs the path of the rankings JSON to write")
+    opts.check()
+    datasets = opts.selected(load_suite(suite_spec))
     outputs = {d.name: output_path(opts.output, d.name, len(datasets) > 1) for d in datasets}
     overrides = source_overrides(opts.sources, [d.name for d in datasets])
     trainer = make_trainer(opts.accelerator, opts.devices, opts.num_nodes, None, opts.progress)
