@@ -35,6 +35,21 @@ def devices_arg(value: str):
     return n
 
 
+def engine_args(args) -> dict:
+    """The options of a pass through the Lightning engine that `bench` and `rank-templates` share."""
+    return dict(
+        data_root=args.data_root,
+        accelerator=args.accelerator,
+        devices=devices_arg(args.devices),
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        limit=args.limit,
+        only=[s.strip() for s in args.datasets.split(",")] if args.datasets else None,
+        progress=not args.no_progress,
+    )
+
+
 def method_from_args(args):
     """Method config with the stage flags and overrides applied; returns (cfg, protocol overrides)."""
     from ovseg.evaluation.methods import resolve_method as resolve

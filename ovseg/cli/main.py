@@ -1,4 +1,4 @@
-"""The `ovseg` command line: bench, predict, list, download, data check, compare."""
+"""The `ovseg` command line: bench, predict, rank-templates, list, download, data check, compare."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 from ovseg.errors import OvsegError
 from ovseg.evaluation.interrupt import Interrupted, launched_by_parent, stop_on_signals
 
-from .arguments import add_device_args, add_method_args, devices_arg, method_from_args
+from .arguments import add_device_args, add_method_args, engine_args, method_from_args
 from .cache import add_parser as add_cache_parser, cmd_cache
+from .rank_templates import add_parser as add_rank_templates_parser, cmd_rank_templates
 
 EPILOG = "Overrides: trailing key=value pairs merge into the method config, e.g. refiner.k=200 protocol.crop=448."
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", type=Path)
     c.add_argument("--deep", action="store_true", help="validate every file, not a sample")
 
+    add_rank_templates_parser(sub)
+
     cmp = sub.add_parser("compare", help="side-by-side table and bar chart of finished runs")
     cmp.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     cmp.add_argument("--output", type=Path, default=Path("comparison"))
@@ -68,35 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_bench(args) -> int:
-    """SIGINT / SIGTERM stop the bench (`Interrupted`); an error raised while it stops is part of the stop."""
-    with stop_on_signals(lambda signum: interrupted_message("bench", signum)) as stopper:
+def stoppable(command: str, run, args) -> int:
+    """SIGINT / SIGTERM stop `run(args)` (`Interrupted`); an error raised while it stops is part of the stop."""
+    with stop_on_signals(lambda signum: interrupted_message(command, signum)) as stopper:
         try:
-            return _bench(args)
+            return run(args)
         except Exception as exc:
             if stopper.signum is None:
                 raise
             raise Interrupted(stopper.signum) from exc
 
 
+def cmd_bench(args) -> int:
+    return stoppable("bench", _bench, args)
+
+
 def _bench(args) -> int:
     from ovseg.evaluation.bench import BenchOptions, run_bench
 
-    opts = BenchOptions(
-        output=args.output,
-        data_root=args.data_root,
-        accelerator=args.accelerator,
-        devices=devices_arg(args.devices),
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-        num_workers=args.num_workers,
-        limit=args.limit,
-        strict=args.strict,
-        only=[s.strip() for s in args.datasets.split(",")] if args.datasets else None,
-        wandb_project=args.wandb,
-        progress=not args.no_progress,
-        save_examples=args.save_examples,
-    )
+    opts = BenchOptions(output=args.output, strict=args.strict, wandb_project=args.wandb,
+                        save_examples=args.save_examples, **engine_args(args))
     opts.check()  # before the method config is even read
     cfg, opts.protocol_overrides = method_from_args(args)
     run = run_bench(args.suite, cfg, opts)
@@ -215,7 +209,8 @@ def cmd_predict(args) -> int:
 
 #: subcommand -> function(args) -> exit status; a new subcommand adds its parser in `build_parser` and a line here
 COMMANDS = {"bench": cmd_bench, "predict": cmd_predict, "list": cmd_list, "env": cmd_env, "download": cmd_download,
-            "data": cmd_data_check, "compare": cmd_compare, "cache": cmd_cache}
+            "data": cmd_data_check, "compare": cmd_compare, "cache": cmd_cache,
+            "rank-templates": lambda args: stoppable("rank-templates", cmd_rank_templates, args)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +252,8 @@ def interrupted_message(command: str, signum: int, run_dir=None) -> str:
     if command == "bench":
         where = f" in {run_dir}" if run_dir is not None else ""
         text += f"; finished datasets are kept{where}, and rerunning the same command resumes"
+    elif command == "rank-templates":
+        text += "; datasets already written to --output are kept, and rerunning the same command resumes"
     return text
 
 

@@ -61,8 +61,9 @@ from .runlock import RunLock
 
 
 @dataclass
-class BenchOptions:
-    output: Path | None = None  # None: runs/<suite>/<method>-<identity digest>
+class EngineOptions:
+    """Settings of a pass over a suite's datasets through the Lightning engine (`bench`, `rank-templates`)."""
+
     data_root: Path | None = None
     accelerator: str = "auto"
     devices: int | str = 1
@@ -70,26 +71,48 @@ class BenchOptions:
     precision: str = "32-true"
     num_workers: int = 0
     limit: int | None = None
-    strict: bool = False
     only: list[str] | None = None
     protocol_overrides: list[str] = field(default_factory=list)
-    wandb_project: str | None = None
     progress: bool = True
-    save_examples: int = 0
+
+    def _rules(self) -> list[tuple[str, Any, int, bool]]:
+        """(flag, value, minimum, None allowed) of each integer option."""
+        rules = [("--limit", self.limit, 1, True), ("--num-workers", self.num_workers, 0, False),
+                 ("--num-nodes", self.num_nodes, 1, False)]
+        if self.devices != "auto":
+            rules.append(("--devices", self.devices, 1, False))
+        return rules
+
+    def selected(self, suite) -> list:
+        """The suite's dataset specs this run covers (`--datasets`, in suite order)."""
+        specs = suite.datasets
+        if self.only:
+            unknown = sorted(set(self.only) - {d.name for d in specs})
+            if unknown:
+                raise ConfigError(f"--datasets {unknown} not in suite {suite.name} ({', '.join(d.name for d in specs)})")
+            specs = [d for d in specs if d.name in self.only]
+        return specs
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option (before anything is loaded)."""
-        rules = [("--limit", self.limit, 1, True), ("--num-workers", self.num_workers, 0, False),
-                 ("--num-nodes", self.num_nodes, 1, False), ("--save-examples", self.save_examples, 0, False)]
-        if self.devices != "auto":
-            rules.append(("--devices", self.devices, 1, False))
-        for flag, value, minimum, optional in rules:
+        for flag, value, minimum, optional in self._rules():
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{flag} must be an integer, got {value!r}")
             if value < minimum:
                 raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+
+
+@dataclass
+class BenchOptions(EngineOptions):
+    output: Path | None = None  # None: runs/<suite>/<method>-<identity digest>
+    strict: bool = False
+    wandb_project: str | None = None
+    save_examples: int = 0
+
+    def _rules(self) -> list[tuple[str, Any, int, bool]]:
+        return super()._rules() + [("--save-examples", self.save_examples, 0, False)]
 
 
 def is_rank_zero() -> bool:
@@ -253,12 +276,7 @@ def _run(suite_spec, cfg, opts, log, rank0, stopper) -> BenchRun | None:
     # 1. everything that needs no model
     opts.check()
     suite = load_suite(suite_spec)
-    specs = suite.datasets
-    if opts.only:
-        unknown = sorted(set(opts.only) - {d.name for d in specs})
-        if unknown:
-            raise ConfigError(f"--datasets {unknown} not in suite {suite.name} ({', '.join(d.name for d in specs)})")
-        specs = [d for d in specs if d.name in opts.only]
+    specs = opts.selected(suite)
     plans = []
     for spec in specs:
         protocol = dataset_protocol(cfg, spec.name, spec.protocol, opts.protocol_overrides)

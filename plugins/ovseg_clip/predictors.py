@@ -138,22 +138,30 @@ class ClipDensePredictor(VLMPredictor):
         }
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), E) float32: the unit text embedding of each prompt (the one text-tower path).
+
+        Length-sorted batches cut after their longest prompt (`text.encode_tokens`), in the weights' dtype and
+        never under autocast (a run's `*-mixed` precision does not change its text embeddings).
+        """
+        device = module_device(self.clip)
+        tokens = self.tokenizer(list(prompts)).to(device)
+        with torch.autocast(device.type, enabled=False):
+            emb = encode_tokens(self.clip, tokens, self.text_batch_size)
+        return F.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
         """(len(names), E) float32: per name, normalise each template embedding, mean, normalise.
 
-        From the disk cache of text embeddings (`ovseg.text_cache`) where it has them; the others are encoded
-        in length-sorted batches cut after their longest prompt (`text.encode_tokens`), in the weights'
-        dtype and never under autocast (a run's `*-mixed` precision does not change its text embeddings).
+        From the disk cache of text embeddings (`ovseg.text_cache`) where it has them; the others through
+        `encode_prompts`.
         """
         return cached_embeddings(self.text_key(), names, self._encode_names).to(module_device(self.clip))
 
     def _encode_names(self, names: Sequence[str]) -> torch.Tensor:
-        device = module_device(self.clip)
         prompts = [t(name) for name in names for t in self.templates]
-        tokens = self.tokenizer(prompts).to(device)
-        with torch.autocast(device.type, enabled=False):
-            emb = encode_tokens(self.clip, tokens, self.text_batch_size)
-        emb = F.normalize(emb.float(), dim=-1).view(len(names), len(self.templates), -1).mean(dim=1)
+        emb = self.encode_prompts(prompts).view(len(names), len(self.templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
     def set_classes(self, vocabulary: Vocabulary | Sequence) -> None:

@@ -64,6 +64,46 @@ def _read_split(path: Path, image_suffix: str | None) -> list[str]:
     return stems
 
 
+def find_images(
+    root: Path, image_dir: Path, image_suffix: str | None, split_file: str | None, recursive: bool
+) -> tuple[list[str], dict[str, Path]]:
+    """The images of a folder source: their keys (sorted, or in split-file order) and key -> path.
+
+    A split file lists stems (or relative keys); a stem matches the image of that key or the one image
+    with that stem. No image, or a listed image that is not there, is a DatasetError naming the folder.
+    """
+    images_by_key = {}
+    for rel in _walk(image_dir, recursive):
+        key = _strip(rel, image_suffix)
+        if key is not None:
+            images_by_key[key] = image_dir / rel
+    if not images_by_key:
+        pattern = f"*{image_suffix}" if image_suffix else "images (" + ", ".join(IMAGE_EXTENSIONS) + ")"
+        raise DatasetError(f"no {pattern} found under {image_dir}" + (" (searched recursively)" if recursive else ""))
+    keys = sorted(images_by_key)
+    if split_file is None:
+        return keys, images_by_key
+    split_path = Path(split_file) if Path(split_file).is_absolute() else root / split_file
+    wanted = _read_split(split_path, image_suffix)
+    by_stem = defaultdict(list)
+    for key in keys:
+        by_stem[key.rsplit("/", 1)[-1]].append(key)
+    keys, unknown = [], []
+    for stem in wanted:
+        if stem in images_by_key:
+            keys.append(stem)
+        elif len(by_stem.get(stem, ())) == 1:
+            keys.append(by_stem[stem][0])
+        else:
+            unknown.append(stem)
+    if unknown:
+        raise DatasetError(
+            f"{split_path}: {len(unknown)} listed image(s) not found under {image_dir}"
+            f"{' with suffix ' + image_suffix if image_suffix else ''}, e.g. {', '.join(unknown[:3])}"
+        )
+    return keys, images_by_key
+
+
 class FolderDataset(SegmentationDataset):
     """Images under `root/images`, labels under `root/labels`, paired by relative key.
 
@@ -95,14 +135,7 @@ class FolderDataset(SegmentationDataset):
             if not folder.is_dir():
                 raise MissingDataError(f"{what} {folder} does not exist")
 
-        images_by_key = {}
-        for rel in _walk(self.image_dir, recursive):
-            key = _strip(rel, image_suffix)
-            if key is not None:
-                images_by_key[key] = self.image_dir / rel
-        if not images_by_key:
-            pattern = f"*{image_suffix}" if image_suffix else "images (" + ", ".join(IMAGE_EXTENSIONS) + ")"
-            raise DatasetError(f"no {pattern} found under {self.image_dir}" + (" (searched recursively)" if recursive else ""))
+        keys, images_by_key = find_images(self.root, self.image_dir, image_suffix, split_file, recursive)
 
         labels_by_key, labels_by_stem = {}, defaultdict(list)
         for rel in _walk(self.label_dir, recursive):
@@ -110,27 +143,6 @@ class FolderDataset(SegmentationDataset):
             if key is not None:
                 labels_by_key[key] = self.label_dir / rel
                 labels_by_stem[key.rsplit("/", 1)[-1]].append(self.label_dir / rel)
-
-        keys = sorted(images_by_key)
-        if split_file is not None:
-            split_path = Path(split_file) if Path(split_file).is_absolute() else self.root / split_file
-            wanted = _read_split(split_path, image_suffix)
-            by_stem = defaultdict(list)
-            for key in keys:
-                by_stem[key.rsplit("/", 1)[-1]].append(key)
-            keys, unknown = [], []
-            for stem in wanted:
-                if stem in images_by_key:
-                    keys.append(stem)
-                elif len(by_stem.get(stem, ())) == 1:
-                    keys.append(by_stem[stem][0])
-                else:
-                    unknown.append(stem)
-            if unknown:
-                raise DatasetError(
-                    f"{split_path}: {len(unknown)} listed image(s) not found under {self.image_dir}"
-                    f"{' with suffix ' + image_suffix if image_suffix else ''}, e.g. {', '.join(unknown[:3])}"
-                )
 
         items, missing = [], []
         for key in keys:
