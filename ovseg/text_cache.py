@@ -21,11 +21,11 @@ import logging
 import os
 import shutil
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from .atomic import atomic_path
 from .paths import cache_dir
 
 if TYPE_CHECKING:
@@ -56,12 +56,8 @@ def folder() -> Path:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, doc: Mapping) -> None:

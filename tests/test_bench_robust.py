@@ -232,7 +232,7 @@ def test_a_bench_on_a_folder_in_use_stops_before_any_model(tmp_path, capsys, no_
 
 
 def test_atomic_writes_use_unique_temporary_files_and_leave_nothing_on_failure(tmp_path):
-    from ovseg.evaluation import atomic
+    from ovseg import atomic
 
     target = tmp_path / "x.json"
     atomic.write_text(target, "old")

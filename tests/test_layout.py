@@ -1,6 +1,6 @@
 """The package layout is a stack of layers with imports in one direction, and the core imports no plugin.
 
-Layers, lowest first: shared services (errors, paths, registry, runtime, weights, visualize), the
+Layers, lowest first: shared services (errors, paths, registry, runtime, weights, atomic, text_cache, visualize), the
 pure-torch `pipeline`, the `evaluation` harness, `report`, and the front ends (`api`, `cli`). A module
 may import from its own layer and the layers below it; function-level (lazy) imports count too.
 """

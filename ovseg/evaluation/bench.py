@@ -15,7 +15,7 @@ The order of work is what keeps a long run safe:
    stops at the first one).
 
 SIGTERM / SIGINT stop every process within seconds (`ovseg.evaluation.interrupt`); records are
-written whole or not at all (`ovseg.evaluation.atomic`), so nothing partial is left behind.
+written whole or not at all (`ovseg.atomic`), so nothing partial is left behind.
 The run folder's layout is `ovseg.evaluation.rundir`; summaries are the report layer's job.
 """
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ovseg.visualize import RANDOM_WEIGHTS_BANNER, example_picture
 
-from .atomic import atomic_path
+from ovseg.atomic import atomic_path
 
 
 def example_files(folder: Path) -> list[Path]:

@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from . import atomic
+from ovseg import atomic
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 10.0

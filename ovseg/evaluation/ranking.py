@@ -35,7 +35,7 @@ from ovseg.pipeline.ranking import TemplateRanker, TemplateStatistics
 from ovseg.pipeline.vocabulary import Vocabulary
 from ovseg.runtime import autocast, place
 
-from . import atomic
+from ovseg import atomic
 from .bench import EngineOptions
 
 __all__ = ["TemplateEntropy", "RankingModule", "RankingOptions", "run_ranking", "output_path", "source_overrides"]

@@ -30,7 +30,7 @@ import yaml
 
 from ovseg.errors import OvsegError
 
-from . import atomic
+from ovseg import atomic
 
 SCHEMA = 2
 MANIFEST = "config.yaml"

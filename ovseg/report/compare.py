@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ovseg.errors import OvsegError
-from ovseg.evaluation import atomic
+from ovseg import atomic
 
 from .numbers import fmt, mean_of, pct
 from .results import load_run

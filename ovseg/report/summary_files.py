@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ovseg.evaluation import atomic
+from ovseg import atomic
 from ovseg.evaluation.rundir import COST_FIELDS, Cost
 
 from .numbers import fmt, pct
