@@ -289,3 +289,27 @@ def test_bfloat16_runs_and_stays_close():
     pred = build_predictor("scclip", model="ovseg-tiny-vit-12", pretrained="random", templates="single")
     ref, out = bfloat16_scores(pred, NAMES, _images(224, 224, b=2))
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+def test_blocks_run_the_unfused_attention_of_the_authors_sequence_first_clip():
+    """SC-CLIP's blocks equal, bit for bit, the same block run sequence-first (the authors' OpenAI `clip` layout,
+    which never takes PyTorch's fused inference path), and the fast-path setting is restored afterwards."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from ovseg_clip.dense import _run_block
+
+    torch.manual_seed(0)
+    blk = ResidualAttentionBlock(64, 4, batch_first=True).eval()
+    seq_first = ResidualAttentionBlock(64, 4, batch_first=False).eval()
+    seq_first.load_state_dict(blk.state_dict())
+    x = torch.randn(2, 50, 64) * 3
+
+    class Tower(torch.nn.Module):
+        batch_first = True
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    with torch.inference_mode():
+        ours = _run_block(Tower(), blk, x, reference_path=True)
+        authors = seq_first(x.transpose(0, 1)).transpose(0, 1)
+    assert torch.equal(ours, authors)
+    assert torch.backends.mha.get_fastpath_enabled() == before

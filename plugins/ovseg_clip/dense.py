@@ -183,10 +183,26 @@ LAST_BLOCKS: dict[str, LastBlock] = {
 # the shared forward
 
 
-def _run_block(transformer: nn.Module, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if getattr(transformer, "batch_first", True):
-        return block(x)
-    return block(x.transpose(0, 1)).transpose(0, 1)
+def _run_block(transformer: nn.Module, block: nn.Module, x: torch.Tensor, *, reference_path: bool = False) -> torch.Tensor:
+    """One open_clip block on batch-first tokens.
+
+    `reference_path`: run `nn.MultiheadAttention`'s unfused path, as the authors' OpenAI `clip` (whose
+    blocks are sequence-first and never take PyTorch's fused inference fast path) does. The fast path
+    open_clip's batch-first blocks take under `no_grad` orders its operations differently and moves
+    block outputs by ~1e-6 per block: harmless for methods that only read the last block's values
+    (labels ≥ 99.997 % equal), but enough to flip SC-CLIP's anomaly test at its threshold. With the
+    fused path off the block outputs are bit-identical to the authors' (about 1.5x the CPU time of
+    the trunk), so SC-CLIP asks for it.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    if reference_path:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if getattr(transformer, "batch_first", True):
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def embed(

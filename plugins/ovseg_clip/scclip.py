@@ -193,8 +193,8 @@ class SCCLIPPredictor(MultiLayerPredictor):
         tokens, grid = embed(visual, x, "dino", pos_by_count=True)
         blocks = visual.transformer.resblocks
         fused = f_pre = f_post = None
-        for i, blk in enumerate(blocks[:-1]):
-            tokens = _run_block(visual.transformer, blk, tokens)
+        for i, blk in enumerate(blocks[:-1]):  # the authors' unfused attention: their LOF test is a threshold
+            tokens = _run_block(visual.transformer, blk, tokens, reference_path=True)
             if i == self.pre_adjust_idx:
                 f_pre = tokens[:, 1:]
             if i == self.post_adjust_idx:
