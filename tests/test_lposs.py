@@ -135,6 +135,24 @@ def test_block_cg_numpy_is_block_cg():
     assert block_cg_numpy(lambda p: p, B.numpy().astype(np.float32)).dtype == np.float32
 
 
+def test_block_cg_numpy_on_a_stack_of_blocks_solves_each_block():
+    # (C, N, Q): the patch LP's classes in chunks; every column of every block is its own system
+    g = torch.Generator().manual_seed(41)
+    n = 270
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = (A @ A.T / n + 0.5 * torch.eye(n, dtype=torch.float64)).numpy()
+    B = torch.randn(3, n, 4, generator=g, dtype=torch.float64).numpy()
+    B[1, :, 2] = 0  # a zero column inside a block stays zero
+    X = block_cg_numpy(lambda p: np.matmul(A, p), B, tol=1e-6, maxiter=7)
+    assert X.shape == B.shape
+    for c in range(3):
+        ref = scipy_cg_columns(A, B[c], 1e-6, 7)
+        assert np.abs(X[c] - ref).max() <= 1e-12 * np.abs(ref).max()
+    assert np.array_equal(X[1, :, 2], np.zeros(n))
+    with pytest.raises(ValueError, match=r"\(N, Q\) or \(C, N, Q\)"):
+        block_cg_numpy(lambda p: p, np.zeros(5))
+
+
 # ---------------------------------------------------------------------------------------------
 # patch LP
 
@@ -157,6 +175,47 @@ def test_propagate_patches_matches_dense_reference():
     out32 = propagate_patches(y.float(), x.float(), c.float(), k=15)
     assert out32.dtype == torch.float32
     assert rel_err(out32, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=15)) < 1e-5
+
+
+@pytest.mark.parametrize("classes", [1, 8, 21, 33])
+def test_patch_lp_classes_in_padded_chunks_match_the_reference(monkeypatch, classes):
+    # the CPU solve keeps classes in chunks of at most CLASS_CHUNK_MAX columns, zero-padded to a
+    # multiple of 8: with a chunk limit of 16 these cover one chunk, exact fits and padding
+    import ovseg_lposs.patch_lp as patch_lp
+
+    monkeypatch.setattr(patch_lp, "CLASS_CHUNK_MAX", 16)
+    chunks, width = patch_lp._class_chunks(classes)
+    assert width % 8 == 0 and width <= 16 and chunks * width >= classes > (chunks - 1) * width
+    n = 70
+    x = clustered(n, 10, 3, seed=42)
+    g = torch.Generator().manual_seed(43)
+    c = torch.randint(0, 150, (n, 2), generator=g).double()
+    y = torch.rand(n, classes, generator=g, dtype=torch.float64) * 0.6 - 0.2
+    out = propagate_patches(y, x, c, k=12)
+    assert out.shape == (n, classes) and out.is_contiguous()
+    assert rel_err(out, patch_reference(y.numpy(), x.numpy(), c.numpy(), k=12)) < 1e-10
+
+
+def test_class_chunks_of_the_cpu_patch_lp():
+    import ovseg_lposs.patch_lp as patch_lp
+
+    assert patch_lp._class_chunks(150) == (2, 80)  # ADE20K: two chunks of 80, 10 zero columns
+    assert patch_lp._class_chunks(171) == (3, 64)  # COCO-Stuff
+    assert patch_lp._class_chunks(21) == (1, 24)
+    assert patch_lp._class_chunks(80) == (1, 80)
+
+
+def test_cpu_gram_restores_the_blas_thread_count():
+    # the Gram matrix's GEMMs run single-threaded on our threads; the process's BLAS setting comes back
+    import ovseg_lposs.patch_lp as patch_lp
+
+    blas = patch_lp._blas_threads().select(user_api="blas")
+    before = [lib["num_threads"] for lib in blas.info()]
+    x = torch.randn(600, 40, generator=torch.Generator().manual_seed(44))
+    out = torch.empty(600, 600)
+    patch_lp._gram(x, out)
+    assert [lib["num_threads"] for lib in patch_lp._blas_threads().select(user_api="blas").info()] == before
+    assert torch.allclose(out, x @ x.T, atol=1e-5)
 
 
 def test_large_graph_path_equals_dense_mask_path(monkeypatch):

@@ -80,16 +80,19 @@ def block_cg(
 def block_cg_numpy(
     apply: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *, tol: float = 1e-6, maxiter: int = 10
 ) -> np.ndarray:
-    """`block_cg` for a (N, Q) numpy block: the same iteration, stopping rule and column sums.
+    """`block_cg` for a numpy block: the same iteration, stopping rule and column sums.
 
-    For a small block on CPU (the patch LP's 2940 × 150) the vector updates cost little next to the
-    operator, and as numpy calls they run on the calling thread only. As torch calls each of them
-    is a parallel region whose threads meet at a barrier; on a shared machine a descheduled thread
-    holds up every barrier, and the ~80 per solve made it several times slower (0.8–2.6 s against
-    0.5–0.8 s with load 6 on 2 cores). `apply(p)` returns `A p` as an array that it may overwrite on
-    the next call; only the operator is left to parallelise.
+    `b` is (N, Q), or a stack (C, N, Q) of such blocks, each with N unknowns: every column of every
+    block is an independent system (the patch LP keeps its classes in chunks that way, see
+    `propagate_patches`). For a small block on CPU (the patch LP's 2940 × 150) the vector updates
+    cost little next to the operator, and as numpy calls they run on the calling thread only. As
+    torch calls each of them is a parallel region whose threads meet at a barrier; on a shared
+    machine a descheduled thread holds up every barrier, and the ~80 per solve made it several times
+    slower (0.8–2.6 s against 0.5–0.8 s with load 6 on 2 cores). `apply(p)` returns `A p` as an
+    array that it may overwrite on the next call; only the operator is left to parallelise.
     """
-    n, q = b.shape
+    if b.ndim not in (2, 3):
+        raise ValueError(f"b must be (N, Q) or (C, N, Q), got shape {b.shape}")
     x = np.zeros_like(b)
     if b.size == 0 or maxiter <= 0:
         return x
@@ -97,7 +100,7 @@ def block_cg_numpy(
     p = np.empty_like(b)
     work = np.empty_like(b)
 
-    def coldot(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def coldot(u: np.ndarray, v: np.ndarray) -> np.ndarray:  # (..., 1, Q): broadcasts over the unknowns
         np.multiply(u, v, out=work)
         return _column_sum_numpy(work)
 
@@ -124,11 +127,12 @@ def block_cg_numpy(
 
 
 def _column_sum_numpy(t: np.ndarray, block: int = 256) -> np.ndarray:
-    """`column_sum` in numpy: blocks of rows first, then the block sums."""
-    n = t.shape[0]
+    """`column_sum` in numpy over the unknowns axis (-2) of a (..., N, Q) array, kept as size 1."""
+    n = t.shape[-2]
     full = n - n % block
-    total = t[:full].reshape(-1, block, t.shape[1]).sum(axis=1).sum(axis=0)
-    return total + t[full:].sum(axis=0) if full < n else total
+    head = t[..., :full, :].reshape(*t.shape[:-2], -1, block, t.shape[-1])
+    total = head.sum(axis=-2).sum(axis=-2, keepdims=True)
+    return total + t[..., full:, :].sum(axis=-2, keepdims=True) if full < n else total
 
 
 def column_sum(t: torch.Tensor, block: int = 256) -> torch.Tensor:

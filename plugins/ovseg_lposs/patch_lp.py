@@ -18,12 +18,14 @@ graph, float64 CG) this differs by about 1e-6 relative.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import threadpoolctl
 import torch
 import torch.nn.functional as F
 
@@ -141,10 +143,8 @@ def _gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: rows per GEMM of the CPU Gram matrix (each computes one block row of the upper triangle): 2 for
-#: N = 2940. Smaller block rows compute fewer products (58 % with 6) but were slower on the shared
-#: 2-core machine, where every BLAS call's thread synchronisation costs more than its arithmetic.
-GRAM_BLOCK_ROWS = 1536
+#: rows per GEMM of the CPU Gram matrix (one task each: 8 tasks for N = 2940, ~54 % of the full products)
+GRAM_BLOCK_ROWS = 368
 #: rows per task when the CPU Gram matrix's lower triangle is copied from its upper one
 SYMMETRISE_ROWS = 128
 
@@ -153,16 +153,28 @@ def _gram_cpu(x: np.ndarray, out: np.ndarray) -> None:
     """`x @ x.T` into `out` with numpy: the upper triangle by block rows, the lower triangle copied.
 
     Block row b (rows a:z) is one GEMM, `x[a:z] @ x[a:].T`, from its diagonal block rightwards, so
-    the products are `N²/2 + N·rows/2` (3/4 of them in 2 block rows). A GEMM does not
-    promise `(XXᵀ)_ij == (XXᵀ)_ji` bit for bit, so the whole lower triangle is then copied from the
-    upper one, in strips of rows: a strip's transposed reads stay in the L1 cache, and the strips run
-    in threads. The GEMMs go through numpy's BLAS (OpenBLAS in numpy's wheels), which ran them 2.5x
-    as fast as torch's MKL on the AMD EPYC development machine (MKL takes a generic code path there).
+    the products are `N²/2 + N·rows/2`. A GEMM does not promise `(XXᵀ)_ij == (XXᵀ)_ji` bit for bit,
+    so the whole lower triangle is then copied from the upper one, in strips of rows: a strip's
+    transposed reads stay in the L1 cache, and the strips run in threads.
+
+    The block rows run on this module's threads, each GEMM on a single-threaded BLAS
+    (`threadpoolctl`). Letting numpy's OpenBLAS thread the GEMMs itself was 20–25 % slower for the
+    whole patch LP on the 2-core development machine: after each call OpenBLAS's worker threads
+    busy-wait for the next one (2^28 cycles, ~0.1 s, unless `OPENBLAS_THREAD_TIMEOUT` is set before
+    numpy loads), which took a core from the graph build and the CG that follow. The GEMMs go
+    through numpy's BLAS (OpenBLAS in numpy's wheels), which ran them 2.5x as fast as torch's MKL on
+    the AMD EPYC development machine (MKL takes a generic code path there). The BLAS thread limit is
+    process-wide while the GEMMs run (tens of milliseconds) and restored afterwards.
     """
     n = x.shape[0]
-    edges = np.linspace(0, n, max(1, round(n / GRAM_BLOCK_ROWS)) + 1).astype(int)
-    for a, z in zip(edges[:-1], edges[1:]):
+    edges = np.linspace(0, n, max(1, -(-n // GRAM_BLOCK_ROWS)) + 1).astype(int)
+
+    def block_row(t: int) -> None:
+        a, z = edges[t], edges[t + 1]
         np.matmul(x[a:z], x[a:].T, out=out[a:z, a:])
+
+    with _blas_threads().limit(limits=1, user_api="blas"):
+        _parallel(block_row, len(edges) - 1)
 
     def mirror(t: int) -> None:
         a, b = t * SYMMETRISE_ROWS, min((t + 1) * SYMMETRISE_ROWS, n)
@@ -172,6 +184,12 @@ def _gram_cpu(x: np.ndarray, out: np.ndarray) -> None:
         block[lower] = block.T[lower]
 
     _parallel(mirror, -(-n // SYMMETRISE_ROWS))
+
+
+@functools.cache
+def _blas_threads() -> threadpoolctl.ThreadpoolController:
+    """The BLAS libraries loaded in this process (found once: the search walks every loaded library)."""
+    return threadpoolctl.ThreadpoolController()
 
 
 #: the similarity matrix is kept for the next call up to this size (N = 4096 in float32)
@@ -461,10 +479,35 @@ def propagate_patches(
     if device.type != "cpu":
         return block_cg(lambda p: torch.add(p, graph.matmul(p), alpha=-alpha), y.contiguous(), tol=tol, maxiter=maxiter)
 
-    def apply(p: np.ndarray) -> np.ndarray:  # (I - alpha Wn) p
-        ap = graph.matmul(torch.from_numpy(p)).numpy()
-        ap *= -alpha
-        ap += p
+    n, q = y.shape
+    chunks, width = _class_chunks(q)
+    b = np.zeros((n, chunks * width), y.detach().numpy().dtype)
+    b[:, :q] = y.detach().numpy()
+    b = np.ascontiguousarray(b.reshape(n, chunks, width).transpose(1, 0, 2))  # (chunks, N, width)
+    ap = np.empty_like(b)
+
+    def apply(p: np.ndarray) -> np.ndarray:  # (I - alpha Wn) p, chunk by chunk
+        for c in range(chunks):
+            np.multiply(graph.matmul(torch.from_numpy(p[c])).numpy(), -alpha, out=ap[c])
+            ap[c] += p[c]
         return ap
 
-    return torch.from_numpy(block_cg_numpy(apply, np.ascontiguousarray(y.detach().numpy()), tol=tol, maxiter=maxiter))
+    x = block_cg_numpy(apply, b, tol=tol, maxiter=maxiter)  # padding columns are zero systems: they stay 0
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2).reshape(n, chunks * width)[:, :q]))
+
+
+#: the widest class chunk of the CPU patch-LP product (see `_class_chunks`)
+CLASS_CHUNK_MAX = 80
+
+
+def _class_chunks(classes: int) -> tuple[int, int]:
+    """How the CPU patch LP splits its classes: (chunks, width), width a multiple of 8, chunks·width ≥ classes.
+
+    `embedding_bag` (the sparse product) runs fastest on rows of a few dozen floats: on the 2-core
+    AMD EPYC development machine (AVX2) it took 9.4 ms for 150 columns, 3.0 ms for 64 and 8.4 ms
+    for two chunks of 72 and 80; rows whose width is not a multiple of 8 floats take a slower tail
+    loop (3.0 ms for 50 columns, 2.1 ms for 48). So the classes are kept in equal chunks of at most
+    `CLASS_CHUNK_MAX` columns, zero-padded to a multiple of 8 (150 -> 2 × 80).
+    """
+    chunks = max(1, -(-classes // CLASS_CHUNK_MAX))
+    return chunks, -(-classes // (8 * chunks)) * 8
