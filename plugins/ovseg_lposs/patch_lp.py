@@ -1,8 +1,8 @@
 """LPOSS patch label propagation: exact kNN graph over patch features, then 10 steps of block CG.
 
 The symmetrised graph `W + Wᵀ` is built directly in CSR form (row offsets, column indices, values)
-and its product with the (N, classes) block of CG directions is one `embedding_bag` (a weighted sum
-of gathered rows per node). That uses only its ~N·k non-zeros: on the ADE-like case (N = 2940,
+and its product with the (N, classes) block of CG directions is an `embedding_bag` (a weighted sum
+of gathered rows per node; on CPU one per chunk of classes, see `_class_chunks`). That uses only its ~N·k non-zeros: on the ADE-like case (N = 2940,
 k = 400, 15 % dense) it is about twice as fast as a dense fp32 GEMM and needs no N×N float matrix
 after the kNN search.
 
@@ -10,7 +10,8 @@ The similarity matrix is one exactly symmetric Gram matrix (`_gram`). On CPU the
 per-row thresholds (the k-th largest similarity, by `np.partition`), and the graph is built from
 them with numpy on row blocks in threads (`_cpu_graph`); on other devices, and on CPU when a row has
 a tie at its k-th similarity, with `topk` and an N×N byte mask in torch (`_union_from_mask`). Both
-give the same graph when there is no tie. The CG runs in torch on every device.
+give the same graph when there is no tie. The CG runs in torch on other devices and as numpy
+vector updates around the torch product on CPU (`block_cg_numpy`).
 
 Graph and CG run in float32 (float64 when the inputs are float64): against the reference (float32
 graph, float64 CG) this differs by about 1e-6 relative.
@@ -481,8 +482,9 @@ def propagate_patches(
 
     n, q = y.shape
     chunks, width = _class_chunks(q)
-    b = np.zeros((n, chunks * width), y.detach().numpy().dtype)
-    b[:, :q] = y.detach().numpy()
+    scores_np = y.detach().numpy()
+    b = np.zeros((n, chunks * width), scores_np.dtype)
+    b[:, :q] = scores_np
     b = np.ascontiguousarray(b.reshape(n, chunks, width).transpose(1, 0, 2))  # (chunks, N, width)
     ap = np.empty_like(b)
 
